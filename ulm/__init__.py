@@ -1,0 +1,5 @@
+"""µLM: a from-scratch transformer library with datasets, training, generation."""
+from ulm.config import GPTConfig, Seq2SeqConfig, gpt_preset
+from ulm.model import GPT, KVCache, Transformer
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "Seq2SeqConfig", "Transformer", "gpt_preset"]

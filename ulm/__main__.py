@@ -1,0 +1,5 @@
+import sys
+
+from ulm.cli import main
+
+sys.exit(main())

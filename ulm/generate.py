@@ -1,0 +1,104 @@
+"""Sampling (greedy, temperature, top-k, top-p; a seeded generator per sequence) and in-process generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ulm.model import GPT, KVCache
+from ulm.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 (or 0) = off
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if not (self.temperature >= 0.0) or self.temperature > 100:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 <= self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def make_generator(self) -> torch.Generator:
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from one row of logits (V,).
+
+    Uses one uniform draw and the inverse CDF, so a seeded sequence picks the same token even when its logits
+    differ in the last bits (as they do when the batch around it changes).
+    """
+    if params.greedy:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+    if 0.0 < params.top_p < 1.0:
+        keep = probs.cumsum(-1) - probs < params.top_p  # the smallest prefix whose mass reaches top_p
+        probs = probs * keep
+    cdf = probs.cumsum(-1)
+    u = torch.rand((), generator=generator) * cdf[-1]
+    i = min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
+    return int(order[i])
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """Next token for each row of logits (B, V); greedy rows in one argmax."""
+    logits = logits.float().cpu()
+    picks = logits.argmax(-1).tolist()
+    for b, p in enumerate(params):
+        if not p.greedy:
+            picks[b] = sample_token(logits[b], p, generators[b])
+    return picks
+
+
+@torch.inference_mode()
+def generate_ids(model: GPT, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams | None = None,
+                 eos_id: int | None = None) -> list[int]:
+    """Prefill the prompt, then decode one token at a time with the KV cache. Returns the new ids."""
+    params = params or SamplingParams()
+    cfg = model.config
+    if not prompt_ids:
+        raise ValueError("prompt must not be empty")
+    if len(prompt_ids) + max_new_tokens > cfg.block_size:
+        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                         f"length {cfg.block_size}")
+    device = next(model.parameters()).device
+    cache = KVCache.for_model(cfg, 1, len(prompt_ids) + max_new_tokens, next(model.parameters()).dtype, device)
+    generator = params.make_generator()
+    idx = torch.tensor([prompt_ids], device=device)
+    pos = torch.arange(len(prompt_ids), device=device)[None]
+    logits = model(idx, pos, cache, logits_at=pos[:, -1])
+    out: list[int] = []
+    for step in range(max_new_tokens):
+        tok = sample_token(logits[0, -1], params, generator)
+        out.append(tok)
+        if tok == eos_id or step == max_new_tokens - 1:
+            break
+        p = len(prompt_ids) + step
+        logits = model(torch.tensor([[tok]], device=device), torch.tensor([[p]], device=device), cache)
+    return out
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                  params: SamplingParams | None = None) -> str:
+    ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, params, tokenizer.eos_id)
+    return tokenizer.decode(ids)

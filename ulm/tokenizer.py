@@ -1,0 +1,112 @@
+"""Tokenizers: a thin wrapper over HF `tokenizers`, saved as tokenizer.json beside a dataset or checkpoint.
+
+Every µLM tokenizer has BOS, EOS and PAD special tokens and round-trips any UTF-8 text exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_META = "tokenizer_meta.json"
+
+
+class Tokenizer:
+    """Text <-> ids. `add_bos` says whether encode() puts BOS first (models trained that way expect it)."""
+
+    def __init__(self, hf: HFTokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD, add_bos: bool = True,
+                 kind: str = "custom"):
+        self.hf = hf
+        self.kind = kind
+        self.add_bos = add_bos
+        self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
+        self.bos_id = self._id(bos)
+        self.eos_id = self._id(eos)
+        self.pad_id = self._id(pad) if pad is not None else self.eos_id
+
+    def _id(self, token: str) -> int:
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no special token {token!r}")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if (self.add_bos if add_bos is None else add_bos) else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / TOKENIZER_FILE, self.hf.to_str())
+        meta = dict(kind=self.kind, bos=self.bos_token, eos=self.eos_token, pad=self.pad_token, add_bos=self.add_bos)
+        atomic_write_text(d / TOKENIZER_META, json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        d = Path(directory)
+        path = d / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} in {d}")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path} is not a valid tokenizer file: {e}") from e
+        meta_path = d / TOKENIZER_META
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return cls(hf, bos=meta.get("bos", BOS), eos=meta.get("eos", EOS), pad=meta.get("pad", PAD),
+                   add_bos=meta.get("add_bos", True), kind=meta.get("kind", "custom"))
+
+
+def byte_level() -> Tokenizer:
+    """256 byte tokens + BOS/EOS/PAD (vocab 259): needs no training and round-trips any text."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # GPT-2's printable stand-ins for the 256 bytes
+    byte_chars = sorted(alphabet, key=_byte_of)
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([BOS, EOS, PAD])
+    return Tokenizer(hf, kind="byte")
+
+
+def char_level(chars: str | set[str] | list[str]) -> Tokenizer:
+    """One token per character seen in training, plus 256 byte tokens that spell any other character."""
+    vocab = {c: i for i, c in enumerate(sorted(set(chars)))}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens([BOS, EOS, PAD])
+    return Tokenizer(hf, kind="char")
+
+
+def _byte_of(char: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode for one character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    cp = ord(char)
+    if cp in printable:
+        return cp
+    others = [b for b in range(256) if b not in printable]
+    return others[cp - 256]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
