@@ -48,13 +48,15 @@ def read_config(directory: str | os.PathLike) -> dict:
     d = Path(directory)
     path = d / CONFIG_FILE
     if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory {d} does not exist")
+        raise CheckpointError(f"checkpoint directory {d} {'is not a directory' if d.exists() else 'does not exist'}")
     if not path.is_file():
         raise CheckpointError(f"{d} is not a µLM checkpoint: no {CONFIG_FILE}")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_bytes())
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(meta).__name__}")
     if meta.get("format") != FORMAT or meta.get("model_type") != "gpt":
         raise CheckpointError(f"{path} is not a µLM GPT checkpoint (format {meta.get('format')!r})")
     return meta
@@ -79,7 +81,10 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     with torch.device("meta"):
         model = GPT(cfg)
     load_state(model, state, str(weights))
-    tokenizer = Tokenizer.load(d)
+    try:
+        tokenizer = Tokenizer.load(d)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d} has no usable tokenizer: {e}") from e
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({cfg.vocab_size})")
     model.to(device=device, dtype=dtype).eval()

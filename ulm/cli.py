@@ -75,7 +75,126 @@ def run_generate(args) -> None:
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, params))
 
 
-COMMANDS = [add_init, add_import_gpt2, add_generate]
+def add_data(sub) -> None:
+    from ulm.data.build import DEFAULT_BPE_VOCAB, TOKENIZER_KINDS
+    from ulm.data.clean import NORMALIZATIONS
+    from ulm.data.sources import NAMED_CORPORA, TEXT_UNITS
+
+    p = sub.add_parser("data", help="build and inspect datasets (flat token files + manifest)")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build", help="clean, split and tokenize text sources into a dataset directory")
+    b.add_argument("--source", action="append", required=True, metavar="PATH_OR_NAME",
+                   help=f"a text file, folder, .jsonl file, a corpus name ({', '.join(NAMED_CORPORA)}; downloaded "
+                        "into the cache) or NAME=PATH for a local copy of one; repeatable")
+    b.add_argument("--out", required=True, help="dataset directory to write")
+    b.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="char")
+    b.add_argument("--vocab-size", type=int, help=f"bpe vocabulary size (default {DEFAULT_BPE_VOCAB})")
+    b.add_argument("--val-fraction", type=float, default=0.1)
+    b.add_argument("--test-fraction", type=float, default=0.0)
+    b.add_argument("--jsonl-field", default="text", help="the field of each JSONL record that holds its text")
+    b.add_argument("--text-unit", choices=TEXT_UNITS, default="file",
+                   help="what one document of a plain text file is (default: the whole file)")
+    b.add_argument("--normalization", choices=NORMALIZATIONS, default="NFC", help="Unicode normalization form")
+    b.add_argument("--no-whitespace-cleanup", dest="whitespace", action="store_false")
+    b.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents")
+    b.add_argument("--min-chars", type=int, default=1, help="drop documents shorter than this after cleaning")
+    b.add_argument("--shuffle-seed", type=int, help="shuffle documents (with this seed) before splitting")
+    b.add_argument("--cache-dir", help="download cache for named corpora (default ~/.cache/ulm or $ULM_CACHE_DIR)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    b.set_defaults(func=run_data_build)
+    i = dsub.add_parser("info", help="print a dataset's splits and id")
+    i.add_argument("dir")
+    i.add_argument("--verify", action="store_true", help="re-hash the token files against the manifest")
+    i.set_defaults(func=run_data_info)
+
+
+def run_data_build(args) -> None:
+    from ulm.data.build import build_dataset
+
+    build_dataset(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                  val_fraction=args.val_fraction, test_fraction=args.test_fraction, jsonl_field=args.jsonl_field,
+                  text_unit=args.text_unit, normalization=args.normalization, whitespace=args.whitespace,
+                  dedup=args.dedup, min_chars=args.min_chars, shuffle_seed=args.shuffle_seed,
+                  cache_dir=args.cache_dir, overwrite=args.overwrite, progress=args.progress)
+
+
+def run_data_info(args) -> None:
+    from ulm.data.dataset import dataset_id, load_manifest, verify_dataset
+
+    manifest = load_manifest(args.dir)
+    if args.verify:
+        verify_dataset(args.dir)
+    tok = manifest["tokenizer"]
+    print(f"{args.dir}: tokenizer {tok['kind']} (vocab {tok['vocab_size']})")
+    for name, info in manifest["splits"].items():
+        print(f"  {name}: {info['num_tokens']:,} tokens ({info['dtype']}, {info['num_documents']:,} documents)")
+    print(f"dataset id: {dataset_id(args.dir)}" + (" (verified)" if args.verify else ""))
+
+
+def add_train(sub) -> None:
+    from ulm.train_config import preset_names
+
+    p = sub.add_parser("train", help="train a GPT from a preset or TOML config (under torchrun: data parallel)",
+                       description="Config layers, later wins: --preset, --config FILE, --set KEY=VALUE, flags.")
+    p.add_argument("--out", required=True, help="run directory: best/ and last/ checkpoints, metrics, plot")
+    p.add_argument("--preset", choices=preset_names())
+    p.add_argument("--config", help="TOML file of config keys (over the preset)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set lr=3e-4 n_layer=2")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last (start if none)")
+    p.add_argument("--dataset", help="dataset directory (task lm)")
+    p.add_argument("--max-iters", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> None:
+    from ulm.train import saved_config, train
+    from ulm.train_config import build_config
+
+    base = saved_config(args.out) if args.resume else None
+    if not (args.preset or args.config or base):
+        raise ValueError("give --preset or --config" + (f" (nothing to resume in {args.out})" if args.resume else ""))
+    flags = {"dataset": args.dataset, "max_iters": args.max_iters, "seed": args.seed, "device": args.device,
+             "dtype": args.dtype, "compile": args.compile}
+    cfg = build_config(args.preset, args.config, args.set, {k: v for k, v in flags.items() if v is not None},
+                       base=None if (args.preset or args.config) else base)
+    best = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"best checkpoint: {best}")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint (and exact match for addition)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", help="dataset directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", help="default: test for addition, val for datasets")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> None:
+    import json
+
+    from ulm.train import evaluate
+
+    r = evaluate(args.checkpoint, args.dataset, args.split, args.batch_size, args.device, progress=not args.json)
+    if args.json:
+        print(json.dumps(r))
+        return
+    line = f"{r['split']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.4f}"
+    if "accuracy" in r:
+        line += f", exact match {r['accuracy']:.4%} of {r['examples']} prompts"
+    print(line)
+
+
+COMMANDS = [add_init, add_import_gpt2, add_generate, add_data, add_train, add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

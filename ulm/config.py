@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
@@ -27,6 +28,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_types(self)
         validate_common(self.n_embd, self.n_head, self.activation, self.pos_encoding)
         for name in ("vocab_size", "block_size", "n_layer"):
             if getattr(self, name) <= 0:
@@ -67,6 +69,7 @@ class Seq2SeqConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_types(self)
         validate_common(self.n_embd, self.n_head, self.activation, self.pos_encoding)
 
     def to_dict(self) -> dict:
@@ -86,7 +89,23 @@ def validate_common(n_embd: int, n_head: int, activation: str, pos_encoding: str
         raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {pos_encoding!r}")
 
 
+FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
+
+
+def check_types(cfg) -> None:
+    """Configs come from JSON too: name the field whose value has the wrong type. Numbers become plain
+    int/float (numpy scalars would not survive json.dumps)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, FIELD_TYPES[f.type]) or (f.type != "bool" and isinstance(value, bool)):
+            raise ValueError(f"{f.name} must be {f.type}, got {value!r}")
+        if f.type in ("int", "float"):
+            setattr(cfg, f.name, int(value) if f.type == "int" else float(value))
+
+
 def filter_fields(cls, d: dict) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"a {cls.__name__} must be a dict (JSON object), got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
@@ -97,6 +116,8 @@ def filter_fields(cls, d: dict) -> dict:
 # Named GPT presets. vocab_size is the tokenizer's; presets that name none take the byte-level one (259).
 BYTE_VOCAB = 259  # 256 bytes + BOS/EOS/PAD
 GPT_PRESETS: dict[str, dict] = {
+    # n-digit addition (ulm.addition): the char tokenizer of "0123456789+=" (271); context for up to 9 digits
+    "adder": dict(vocab_size=271, block_size=32, n_layer=2, n_head=4, n_embd=128),  # ~0.43M
     "toy": dict(vocab_size=BYTE_VOCAB, block_size=128, n_layer=2, n_head=2, n_embd=64),  # ~0.12M
     "tiny": dict(vocab_size=BYTE_VOCAB, block_size=256, n_layer=4, n_head=4, n_embd=128),  # ~0.8M
     "shakespeare-char": dict(

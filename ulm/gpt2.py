@@ -30,12 +30,19 @@ def config_from_hf(hf: dict) -> GPTConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
         raise CheckpointError(f"unsupported GPT-2 activation_function {act!r}")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], d_ff=hf.get("n_inner") or 0, activation=ACTIVATIONS[act],
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True, norm_first=True, pos_encoding="learned",
-        tie_weights=hf.get("tie_word_embeddings", True),
-    )
+    # attention variants µLM does not implement would load without error and give different outputs
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise CheckpointError("unsupported GPT-2 attention scaling (scale_attn_weights=false or "
+                              "scale_attn_by_inverse_layer_idx=true)")
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
+            n_head=hf["n_head"], n_embd=hf["n_embd"], d_ff=hf.get("n_inner") or 0, activation=ACTIVATIONS[act],
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True, norm_first=True, pos_encoding="learned",
+            tie_weights=hf.get("tie_word_embeddings", True),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"invalid GPT-2 config.json: {type(e).__name__}: {e}") from e
 
 
 def convert_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -70,7 +77,12 @@ def load_gpt2(src: str | os.PathLike) -> GPT:
     d = Path(src)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise CheckpointError(f"{d} is not an HF GPT-2 directory: it needs config.json and model.safetensors")
-    hf_cfg = json.loads((d / "config.json").read_text())
+    try:
+        hf_cfg = json.loads((d / "config.json").read_bytes())
+    except ValueError as e:  # bad JSON or not UTF-8
+        raise CheckpointError(f"{d / 'config.json'} is not valid JSON: {e}") from e
+    if not isinstance(hf_cfg, dict):
+        raise CheckpointError(f"{d / 'config.json'} must hold a JSON object")
     if hf_cfg.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{d} holds a {hf_cfg.get('model_type')!r} model, not gpt2")
     cfg = config_from_hf(hf_cfg)

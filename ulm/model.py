@@ -408,16 +408,17 @@ class GPT(nn.Module):
         B, T = idx.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device).expand(B, T)
+        # check before the position lookup, which would fail with a bare IndexError
+        length = T if kv_cache is None else int(input_pos.max()) + 1  # a cache attends over positions [0, length)
+        if length > self.config.block_size:
+            raise ValueError(f"sequence length {length} exceeds the context length {self.config.block_size}")
+        if kv_cache is not None and length > kv_cache.max_len:
+            raise ValueError(f"position {length - 1} is beyond the KV cache ({kv_cache.max_len})")
         x = self.embed(idx, input_pos)  # (B, T, C)
         if kv_cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence length {T} exceeds the context length {self.config.block_size}")
             for block in self.blocks:
                 x = block(x, causal=True)
         else:
-            length = int(input_pos.max()) + 1  # attend over cached positions [0, length)
-            if length > kv_cache.max_len:
-                raise ValueError(f"position {length - 1} is beyond the KV cache ({kv_cache.max_len})")
             key_pos = torch.arange(length, device=idx.device)
             mask = (key_pos[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, L)
             for i, block in enumerate(self.blocks):

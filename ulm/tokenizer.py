@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -22,6 +23,10 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD, add_bos: bool = True,
                  kind: str = "custom"):
         self.hf = hf
+        # Text is always text: a literal "<|eos|>" in it is spelled with ordinary tokens, so every string
+        # round-trips and user input cannot inject special ids (those come from add_bos / eos_id only).
+        # The flag is not saved in tokenizer.json, hence set here.
+        hf.encode_special_tokens = True
         self.kind = kind
         self.add_bos = add_bos
         self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
@@ -110,3 +115,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True,
+              length: int | None = None) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization) trained on `texts`; BOS/EOS/PAD are ids 0/1/2.
+
+    All 256 bytes are in the initial alphabet, so any text encodes, including characters never seen in training.
+    """
+    if vocab_size < 256 + 3:
+        raise ValueError(f"vocab_size must be >= 259 (256 bytes + BOS/EOS/PAD) for byte-level BPE, got {vocab_size}")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+                                  special_tokens=[BOS, EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer=trainer, length=length)
+    return Tokenizer(hf, kind="bpe")

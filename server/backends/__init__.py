@@ -1,0 +1,24 @@
+"""Inference backends by name. Each module is imported only when its backend is chosen."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from server.backends.base import Backend
+
+# name -> "module:class"; the class is constructed as cls(checkpoint_dir, device, max_batch)
+BACKENDS: dict[str, str] = {
+    "torch": "server.backends.torch_backend:TorchBackend",
+    "onnx": "server.backends.onnx_backend:OnnxBackend",
+}
+
+
+def load_backend(name: str, checkpoint_dir: str | Path, device: str = "cpu", max_batch: int = 32) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    module_name, cls_name = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"backend {name!r} is not available: {e}") from e
+    return getattr(module, cls_name)(checkpoint_dir, device, max_batch)

@@ -1,0 +1,140 @@
+"""`python -m clients`: talk to a µLM server.
+
+  generate "prompt" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --stop STR]
+  info | tokenize "text" | bench [--streams N]
+Every command takes --target host:port (default $ULM_TARGET or 127.0.0.1:50051). gRPC errors print
+"error: CODE: details" and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+import grpc
+
+from clients.api.ulm.v1 import text_generation_pb2 as pb
+from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = os.environ.get("ULM_TARGET", "127.0.0.1:50051")
+FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
+
+
+def connect(target: str) -> pb_grpc.TextGenerationStub:
+    return pb_grpc.TextGenerationStub(grpc.insecure_channel(target))
+
+
+def generate_request(args: argparse.Namespace) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              stop=args.stop)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    stub = connect(args.target)
+    last = None
+    for last in stub.Generate(generate_request(args), timeout=args.timeout):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        print(f"[finish: {FINISH_NAMES[last.finish_reason]}; prompt {last.usage.prompt_tokens} tokens, "
+              f"completion {last.usage.completion_tokens} tokens]", file=sys.stderr)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    info = connect(args.target).GetModelInfo(pb.GetModelInfoRequest(model=args.model), timeout=args.timeout)
+    for field in info.DESCRIPTOR.fields:
+        print(f"{field.name}: {getattr(info, field.name)}")
+
+
+def run_tokenize(args: argparse.Namespace) -> None:
+    r = connect(args.target).Tokenize(pb.TokenizeRequest(model=args.model, text=args.text), timeout=args.timeout)
+    print(json.dumps({"token_ids": list(r.token_ids), "tokens": list(r.tokens)}, ensure_ascii=False))
+
+
+async def _stream(stub, request: pb.GenerateRequest) -> tuple[float, list[float]]:
+    """Returns (wall seconds, arrival time of each message)."""
+    t0 = time.perf_counter()
+    arrivals = [time.perf_counter() - t0 async for _ in stub.Generate(request)]
+    return time.perf_counter() - t0, arrivals
+
+
+async def bench(target: str, streams: int, max_new_tokens: int, prompt: str = "Once upon a time",
+                repeats: int = 3) -> dict:
+    """N concurrent greedy streams against one alone: if requests are batched, the ratio
+    wall(N) / (N * wall(1)) is far below 1."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.TextGenerationStub(channel)
+        req = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)
+        await _stream(stub, req)  # warm the connection
+        single = [await _stream(stub, req) for _ in range(repeats)]
+        t0 = time.perf_counter()
+        many = await asyncio.gather(*(_stream(stub, req) for _ in range(streams)))
+        wall_many = time.perf_counter() - t0
+    wall_one = statistics.median(w for w, _ in single)
+
+    def gaps(runs):
+        return [b - a for _, arr in runs for a, b in zip(arr, arr[1:])]
+
+    return dict(streams=streams, tokens=max_new_tokens, wall_one_s=wall_one, wall_many_s=wall_many,
+                ratio=wall_many / (streams * wall_one), ttft_one_ms=1e3 * statistics.median(a[0] for _, a in single),
+                itl_one_ms=1e3 * statistics.median(gaps(single)), itl_many_ms=1e3 * statistics.median(gaps(many)),
+                tokens_per_s=streams * max_new_tokens / wall_many)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    r = asyncio.run(bench(args.target, args.streams, args.max_new_tokens))
+    print(f"1 stream: {r['wall_one_s'] * 1e3:.1f} ms for {r['tokens']} tokens (TTFT {r['ttft_one_ms']:.2f} ms, "
+          f"{r['itl_one_ms']:.2f} ms/token)")
+    print(f"{r['streams']} streams: {r['wall_many_s'] * 1e3:.1f} ms in all ({r['itl_many_ms']:.2f} ms/token per "
+          f"stream, {r['tokens_per_s']:.0f} tokens/s)")
+    print(f"batching ratio wall({r['streams']}) / ({r['streams']} x wall(1)) = {r['ratio']:.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
+    common.add_argument("--model", default="", help="model name (default: the server's)")
+    common.add_argument("--timeout", type=float, help="deadline in seconds")
+
+    parser = argparse.ArgumentParser(prog="python -m clients", description="µLM gRPC client")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", parents=[common], help="stream a completion to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    g.add_argument("-v", "--verbose", action="store_true", help="print the finish reason and usage to stderr")
+    g.set_defaults(func=run_generate)
+    sub.add_parser("info", parents=[common], help="print the served model's details").set_defaults(func=run_info)
+    t = sub.add_parser("tokenize", parents=[common], help="print token ids as JSON")
+    t.add_argument("text")
+    t.set_defaults(func=run_tokenize)
+    b = sub.add_parser("bench", parents=[common], help="measure batching: N concurrent streams vs one")
+    b.add_argument("--streams", type=int, default=32)
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.set_defaults(func=run_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # protobuf range errors, e.g. a negative --max-new-tokens
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

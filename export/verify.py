@@ -1,0 +1,124 @@
+"""Checks of an exported graph against the PyTorch model it came from, run after every export.
+
+Parity: ONNX Runtime logits against GPT.forward (a full pass without a cache, row by row) at past lengths 0,
+1 and N, batch 1 and 3 (rows of different lengths, the past right-padded with attention_mask 0), for one new
+token and for a chunk. Greedy: ulm.generate.generate_ids against an ONNX Runtime loop that feeds each step's
+present back as the next past. Perplexity: mean next-token loss over block-size windows of held-out tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from export.runtime import empty_past, run
+from ulm.generate import generate_ids
+from ulm.model import GPT
+
+ATOL = 1e-4  # max abs logits difference accepted in fp32
+GREEDY_STEPS = 64
+
+
+@torch.inference_mode()
+def parity_case(model: GPT, session: ort.InferenceSession, rows: list[list[int]], past_lens: list[int]) -> float:
+    """Max abs logits difference, ORT vs PyTorch, for rows whose first past_lens[b] tokens go in as the past.
+
+    Step 1 runs the padded prefixes from an empty past (if any row has one); step 2 the remaining tokens of
+    every row (the same count per row) on top of step 1's presents, masked where a prefix was padding.
+    """
+    cfg = model.config
+    B, P = len(rows), max(past_lens)
+    T = len(rows[0]) - past_lens[0]
+    assert all(len(r) - p == T for r, p in zip(rows, past_lens)), "every row must add the same number of tokens"
+    refs = [model(torch.tensor([r]))[0].numpy() for r in rows]  # (len, V) each
+    worst = 0.0
+    past, mask = empty_past(cfg, B), np.zeros((B, 0), np.int64)
+    if P:
+        ids = np.zeros((B, P), np.int64)
+        mask = np.zeros((B, P), np.int64)
+        for b, (r, p) in enumerate(zip(rows, past_lens)):
+            ids[b, :p], mask[b, :p] = r[:p], 1
+        pos = np.broadcast_to(np.arange(P), (B, P))
+        logits, past = run(session, ids, pos, mask, pos, past)
+        worst = max(worst, *(float(np.abs(logits[b, :p] - refs[b][:p]).max()) for b, p in enumerate(past_lens) if p))
+    ids = np.array([r[p:] for r, p in zip(rows, past_lens)])
+    pos = np.array([np.arange(p, p + T) for p in past_lens])
+    mask = np.concatenate([mask, np.ones((B, T), np.int64)], axis=1)
+    logits, _ = run(session, ids, pos, mask, np.broadcast_to(np.arange(T), (B, T)), past)
+    return max(worst, *(float(np.abs(logits[b] - refs[b][p:]).max()) for b, p in enumerate(past_lens)))
+
+
+def check_parity(model: GPT, session: ort.InferenceSession, atol: float = ATOL, seed: int = 0) -> dict:
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    n = max(2, min(64, cfg.block_size // 2))  # "N": a longer past, well inside the context
+    cases = []
+    for past_lens in ([0], [1], [n], [0, 0, 0], [1, 1, 1], [n, n // 2, 1]):
+        for new in (1, 4):
+            if max(past_lens) + new > cfg.block_size:
+                continue
+            rows = [rng.integers(0, cfg.vocab_size, p + new).tolist() for p in past_lens]
+            diff = parity_case(model, session, rows, past_lens)
+            cases.append({"batch": len(past_lens), "past_lens": past_lens, "new_tokens": new, "max_abs_diff": diff})
+    worst = max(c["max_abs_diff"] for c in cases)
+    return {"cases": cases, "max_abs_diff": worst, "atol": atol, "passed": worst <= atol}
+
+
+def ort_greedy(session: ort.InferenceSession, model_cfg, prompt: list[int], steps: int,
+               eos_id: int | None = None) -> list[int]:
+    """Greedy decoding with the graph alone: prefill, then one token per call with the present fed back."""
+    T = len(prompt)
+    pos = np.arange(T)[None]
+    logits, past = run(session, np.array([prompt]), pos, np.ones((1, T)), [[T - 1]], empty_past(model_cfg, 1))
+    out: list[int] = []
+    for step in range(steps):
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok == eos_id or step == steps - 1:
+            break
+        logits, past = run(session, [[tok]], [[T + step]], np.ones((1, T + step + 1)), [[0]], past)
+    return out
+
+
+def check_greedy(model: GPT, session: ort.InferenceSession, prompt: list[int], steps: int = GREEDY_STEPS) -> dict:
+    steps = min(steps, model.config.block_size - len(prompt))
+    ref = generate_ids(model, prompt, steps)
+    got = ort_greedy(session, model.config, prompt, steps)
+    agree = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    return {"prompt_tokens": len(prompt), "steps": steps, "identical": ref == got, "agreeing_prefix": agree}
+
+
+def eval_windows(tokens: np.ndarray, block_size: int, max_tokens: int) -> np.ndarray:
+    """Non-overlapping (n, block_size + 1) windows of inputs+targets from the start of `tokens`."""
+    tokens = np.asarray(tokens[: max_tokens + 1], np.int64)
+    n = (len(tokens) - 1) // block_size
+    if n == 0:
+        raise ValueError(f"evaluation data has {len(tokens)} tokens; need more than the context ({block_size})")
+    starts = np.arange(n) * block_size
+    return np.stack([tokens[s:s + block_size + 1] for s in starts])
+
+
+def perplexity_ort(session: ort.InferenceSession, model_cfg, windows: np.ndarray, batch: int = 8) -> float:
+    B_all, L = windows.shape[0], windows.shape[1] - 1
+    total = 0.0
+    for i in tqdm(range(0, B_all, batch), desc="perplexity", leave=False, unit="batch", disable=None):
+        w = windows[i:i + batch]
+        B = len(w)
+        pos = np.broadcast_to(np.arange(L), (B, L))
+        logits, _ = run(session, w[:, :-1], pos, np.ones((B, L)), pos, empty_past(model_cfg, B))
+        total += float(F.cross_entropy(torch.from_numpy(logits).flatten(0, 1), torch.from_numpy(w[:, 1:]).flatten(),
+                                       reduction="sum"))
+    return math.exp(total / windows[:, 1:].size)
+
+
+@torch.inference_mode()
+def perplexity_torch(model: GPT, windows: np.ndarray, batch: int = 8) -> float:
+    total = 0.0
+    for i in range(0, len(windows), batch):
+        w = torch.from_numpy(windows[i:i + batch])
+        total += float(F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+    return math.exp(total / windows[:, 1:].size)

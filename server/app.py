@@ -1,0 +1,166 @@
+"""The gRPC server: the registered services, health, reflection, and one interceptor for status codes.
+
+Health starts NOT_SERVING, turns SERVING once every service has started (models loaded and warmed up), and
+goes back to NOT_SERVING when the server drains. The interceptor wraps our services' methods: it refuses
+calls while draining, turns ServiceError into its status code (anything else into INTERNAL, logged), and
+counts every call by method and final status code.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.errors import ServiceError, Unavailable
+from server.metrics import Metrics
+from server.services import Service
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    def __init__(self, services: list[Service], metrics: Metrics, host: str = "127.0.0.1", port: int = 50051,
+                 metrics_port: int | None = None):
+        self.services = services
+        self.metrics = metrics
+        self.host, self.port = host, port
+        self.metrics_port = metrics_port
+        self.draining = False
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self._prefixes = tuple(f"/{s.name}/" for s in services)
+
+    def owns(self, method: str) -> bool:
+        return method.startswith(self._prefixes)
+
+    async def start(self) -> None:
+        """Listen at once (health NOT_SERVING), then start the services; SERVING when all have started."""
+        # without so_reuseport a second server on a taken port fails instead of sharing it
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self)], options=[("grpc.so_reuseport", 0)])
+        for s in self.services:
+            s.add_to_server(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [s.name for s in self.services]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        await self.server.start()
+        if self.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
+            log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_port)
+        log.info("listening on %s:%d", self.host, self.port)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(s.start() for s in self.services))
+        if not self.draining:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready: %s started in %.1f s", ", ".join(names), time.perf_counter() - t0)
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` seconds, then stop."""
+        self.draining = True
+        log.info("draining (grace %.1f s)", grace)
+        await self.health.enter_graceful_shutdown()
+        t0 = time.monotonic()
+        await asyncio.gather(*(s.drain(grace) for s in self.services))
+        if self.server is not None:  # the streams are done: this only lets their last messages go out
+            await self.server.stop(max(1.0, grace - (time.monotonic() - t0)))
+        await asyncio.gather(*(s.close() for s in self.services))
+        self.metrics.close()
+        log.info("stopped")
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *(s.name for s in self.services)]:  # "" is the whole server
+            await self.health.set(name, status)
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, app: App):
+        self.app = app
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not self.app.owns(details.method):
+            return handler
+        kinds = [("unary_unary", grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler)]
+        for kind, make in kinds:
+            behavior = getattr(handler, kind)
+            if behavior is None:
+                continue
+            if inspect.isasyncgenfunction(behavior):
+                wrapped = self._wrap_stream(behavior, details.method)
+            elif inspect.iscoroutinefunction(behavior):
+                wrapped = self._wrap_unary(behavior, details.method)
+            else:
+                return handler
+            return make(wrapped, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+        return handler
+
+    def _wrap_unary(self, behavior, method: str):
+        async def wrapper(request, context):
+            outcome = _Outcome(self.app, method, context)
+            try:
+                outcome.check_accepting()
+                return await behavior(request, context)
+            except BaseException as e:
+                await outcome.fail(e)
+            finally:
+                outcome.count()
+        return wrapper
+
+    def _wrap_stream(self, behavior, method: str):
+        async def wrapper(request, context):
+            outcome = _Outcome(self.app, method, context)
+            stream = None
+            try:
+                outcome.check_accepting()
+                stream = behavior(request, context)
+                async for response in stream:
+                    yield response
+            except BaseException as e:
+                await outcome.fail(e)
+            finally:
+                if stream is not None:
+                    await stream.aclose()  # runs the handler's cleanup now, not when collected
+                outcome.count()
+        return wrapper
+
+
+class _Outcome:
+    """One call's final status code."""
+
+    def __init__(self, app: App, method: str, context: grpc.aio.ServicerContext):
+        self.app, self.method, self.context = app, method, context
+        self.code = grpc.StatusCode.OK
+
+    def check_accepting(self) -> None:
+        if self.app.draining:
+            raise Unavailable("server is shutting down")
+
+    async def fail(self, e: BaseException) -> None:
+        """Record the code and re-raise, or abort with the code the exception maps to."""
+        if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+            left = self.context.time_remaining()
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else (
+                grpc.StatusCode.CANCELLED)
+            raise e
+        if isinstance(e, grpc.aio.AbortError):  # the handler aborted by itself
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            raise e
+        if isinstance(e, ServiceError):
+            self.code, message = e.code, e.message
+        else:
+            log.exception("%s failed", self.method)
+            self.code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        await self.context.abort(self.code, message)
+
+    def count(self) -> None:
+        self.app.metrics.requests.labels(self.method.lstrip("/"), self.code.name).inc()

@@ -1,0 +1,165 @@
+"""The ONNX Runtime backend: an export directory from `python -m export`, on the CUDA or the CPU provider.
+
+The graph takes the past keys/values as inputs and returns them extended by the new tokens (present), so
+the cache lives outside it. Between steps it stays where ORT left it: the presents of the last decode step
+are bound (IO binding, OrtValues on the session's device) as the next step's past, with an attention mask
+saying which positions of each row are real. As long as the same slots run step after step (the steady
+state of continuous batching) nothing is copied besides what the graph's own concat does. When the set of
+slots changes (a request joins or leaves) the batch is rebuilt once on the host: each slot's real positions
+are compacted and the rows right-padded to the longest, with mask 0 on the padding.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.onnx_export import past_names, present_names
+from export.runtime import CUDA, MODEL_FILE, create_session, read_export
+
+log = logging.getLogger(__name__)
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, export_dir: str | Path, device: str = "cpu", max_batch: int = 32,
+                 threads: int | None = None):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        d = Path(export_dir)
+        manifest, self.config, self.tokenizer = read_export(d)
+        self.dtype = manifest.get("dtype", "float32")
+        if self.dtype == "int8" and device == "cuda":
+            raise ValueError("this export is int8 (dynamic quantization), which is for the CPU: it runs slower than "
+                             "fp32 on the CUDA provider. Serve it with --device cpu, or export without --quantize "
+                             "for CUDA")
+        self.session = create_session(d / MODEL_FILE, device, threads)
+        in_use = self.session.get_providers()
+        self.device = "cuda" if in_use[0] == CUDA else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            log.warning("CUDA execution provider unavailable (available: %s); falling back to %s",
+                        ", ".join(ort.get_available_providers()), in_use[0])
+        log.info("onnx backend: %s (%s) on %s, providers in use: %s", d, self.dtype, self.device, ", ".join(in_use))
+        self.providers = in_use
+        self.model_name = manifest.get("name") or d.resolve().name
+        self.max_batch = max_batch
+        self.num_params = int(manifest.get("num_params", 0))
+        cfg = self.config
+        self.past_names, self.present_names = past_names(cfg.n_layer), present_names(cfg.n_layer)
+        self.binding = self.session.io_binding()
+        self.length: dict[int, int] = {}  # slot -> positions in its cache
+        self.parked: dict[int, list[np.ndarray]] = {}  # slot -> 2*n_layer (nh, L, hs): not in the batch
+        # the running batch: its slots (None once released), past (OrtValues (n, nh, P, hs)), mask (n, P)
+        self.batch: list[int | None] = []
+        self.past: list[ort.OrtValue] = []
+        self.mask = np.zeros((0, 0), np.int64)
+
+    # -- Backend ------------------------------------------------------------------------------------------
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """All prompts in one pass, right-padded; their caches are parked on the host until the next decode."""
+        for s in slots:
+            if s in self.length:
+                raise ValueError(f"slot {s} is in use")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1 or max(lengths) > self.config.block_size:
+            raise ValueError(f"prompt lengths must be in [1, {self.config.block_size}], got {lengths}")
+        n, T = len(prompts), max(lengths)
+        ids = np.full((n, T), self.tokenizer.pad_id, np.int64)
+        mask = np.zeros((n, T), np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)], mask[b, :len(p)] = p, 1
+        pos = np.ascontiguousarray(np.broadcast_to(np.arange(T), (n, T)))
+        empty = np.zeros((n, self.config.n_head, 0, self.config.head_dim), np.float32)
+        logits, present = self._run(ids, pos, mask, np.array(lengths)[:, None] - 1, [empty] * len(self.past_names),
+                                    present_on="cpu")
+        kv = [ov.numpy() for ov in present]  # (n, nh, T, hs) each
+        for b, (s, L) in enumerate(zip(slots, lengths)):
+            self.parked[s] = [a[b, :, :L] for a in kv]
+            self.length[s] = L
+        return torch.from_numpy(logits[:, -1].copy())  # (n, V)
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token per slot, each at its slot's next position."""
+        for s, p in zip(slots, positions):
+            if s not in self.length:
+                raise ValueError(f"slot {s} holds no sequence")
+            if p != self.length[s]:
+                raise ValueError(f"slot {s} has {self.length[s]} positions cached; cannot decode at position {p}")
+            if p >= self.config.block_size:
+                raise ValueError(f"position {p} is beyond the context length {self.config.block_size}")
+        if sorted(slots) != sorted(s for s in self.batch if s is not None) or None in self.batch:
+            self._rebuild(slots)
+        order = [self.batch.index(s) for s in slots]  # batch row of each requested slot
+        ids = np.zeros((len(self.batch), 1), np.int64)
+        pos = np.zeros((len(self.batch), 1), np.int64)
+        ids[order, 0], pos[order, 0] = tokens, positions
+        mask = np.concatenate([self.mask, np.ones((len(self.batch), 1), np.int64)], axis=1)
+        logits, self.past = self._run(ids, pos, mask, np.zeros((len(self.batch), 1), np.int64), self.past)
+        self.mask = mask
+        for s in slots:
+            self.length[s] += 1
+        return torch.from_numpy(logits[order, -1])  # (n, V)
+
+    def release(self, slot: int) -> None:
+        del self.length[slot]
+        self.parked.pop(slot, None)
+        if slot in self.batch:  # its row stays until the batch is rebuilt; it is never fed again
+            self.batch[self.batch.index(slot)] = None
+
+    def warmup(self) -> None:
+        slots = list(range(min(2, self.max_batch)))
+        self.prefill(slots, [[0] * (i + 1) for i in slots])  # different lengths: the padded path too
+        self.decode(slots, [0] * len(slots), [i + 1 for i in slots])
+        for s in slots:
+            self.release(s)
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _run(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, logits_index: np.ndarray, past: list,
+             present_on: str | None = None) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One graph call through IO binding: logits come back to the host, presents stay on `present_on`."""
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, a in (("input_ids", ids), ("position_ids", pos), ("attention_mask", mask),
+                        ("logits_index", logits_index)):
+            io.bind_cpu_input(name, np.ascontiguousarray(a, np.int64))
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, value)
+            else:
+                io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:  # fresh outputs every step: their shapes grow by one position
+            io.bind_output(name, present_on or self.device)
+        self.session.run_with_iobinding(io)
+        logits, *present = io.get_outputs()
+        return logits.numpy(), present
+
+    def _rebuild(self, slots: list[int]) -> None:
+        """Make `slots` (in this order) the running batch: compact every row, right-pad to the longest."""
+        if self.batch:
+            kv = [v.numpy() for v in self.past]  # (n, nh, P, hs) each, on the host
+            for row, s in enumerate(self.batch):
+                if s is not None:  # still running: park its real positions
+                    real = np.flatnonzero(self.mask[row])
+                    self.parked[s] = [a[row][:, real] for a in kv]
+        n, P = len(slots), max(self.length[s] for s in slots)
+        cfg = self.config
+        past = [np.zeros((n, cfg.n_head, P, cfg.head_dim), np.float32) for _ in self.past_names]
+        self.mask = np.zeros((n, P), np.int64)
+        for row, s in enumerate(slots):
+            cache = self.parked.pop(s)
+            L = cache[0].shape[1]
+            for dst, src in zip(past, cache):
+                dst[row, :, :L] = src
+            self.mask[row, :L] = 1
+        self.past = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in past]
+        self.batch = list(slots)

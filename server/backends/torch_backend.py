@@ -1,0 +1,95 @@
+"""The PyTorch backend: a ulm GPT and one preallocated KVCache row per running request.
+
+Live requests occupy cache rows 0..n-1 (a request leaving moves the last row into its place), so a decode step
+over all of them is one forward pass over the rows slice(0, n), with views into the cache rather than copies.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ulm.checkpoint import load_checkpoint
+from ulm.model import KVCache
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", max_batch: int = 32):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but torch sees no CUDA device")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer, meta = load_checkpoint(checkpoint_dir, device=device)
+        self.config = self.model.config
+        self.device = device
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self.model_name = meta.get("name") or Path(checkpoint_dir).resolve().name
+        self.max_batch = max_batch
+        self.num_params = self.model.num_params()
+        self.cache = KVCache.for_model(self.config, max_batch, dtype=next(self.model.parameters()).dtype,
+                                       device=device)
+        self.row_of: dict[int, int] = {}  # slot -> cache row
+        self.slot_at: list[int] = []  # cache row -> slot, for rows 0..n-1
+        self.length: list[int] = []  # cache row -> positions written
+
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """All prompts in one pass, padded on the right into the next free rows; logits at each prompt's end."""
+        for s in slots:
+            if s in self.row_of:
+                raise ValueError(f"slot {s} is in use")
+        lengths = [len(p) for p in prompts]
+        T = max(lengths)
+        pad = self.tokenizer.pad_id
+        idx = torch.tensor([p + [pad] * (T - len(p)) for p in prompts], device=self.device)  # (k, T)
+        pos = torch.arange(T, device=self.device).expand(len(prompts), T)
+        first = len(self.slot_at)
+        rows = slice(first, first + len(prompts))
+        # padding writes junk keys past each prompt's end; decode overwrites a position before attending to it
+        logits = self.model(idx, pos, self.cache, rows, logits_at=torch.tensor(lengths, device=self.device) - 1)
+        for s, n in zip(slots, lengths):  # only now: a failed pass leaves the rows free
+            self.row_of[s] = len(self.slot_at)
+            self.slot_at.append(s)
+            self.length.append(n)
+        return logits[:, -1].float().cpu()  # (k, V)
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token per slot. Slots are grouped into runs of adjacent rows: one pass when they cover 0..n-1."""
+        rows = [self.row_of[s] for s in slots]
+        order = sorted(range(len(slots)), key=rows.__getitem__)
+        out = torch.empty(len(slots), self.config.vocab_size)
+        start = 0
+        for end in range(1, len(order) + 1):
+            if end < len(order) and rows[order[end]] == rows[order[end - 1]] + 1:
+                continue
+            run = order[start:end]
+            r0 = rows[run[0]]
+            idx = torch.tensor([[tokens[i]] for i in run], device=self.device)  # (b, 1)
+            pos = torch.tensor([[positions[i]] for i in run], device=self.device)
+            logits = self.model(idx, pos, self.cache, slice(r0, r0 + len(run)))  # (b, 1, V)
+            out[run] = logits[:, -1].float().cpu()
+            for i in run:
+                self.length[rows[i]] = positions[i] + 1
+            start = end
+        return out
+
+    def release(self, slot: int) -> None:
+        row = self.row_of.pop(slot)
+        last = len(self.slot_at) - 1
+        if row != last:  # keep rows contiguous: the last live row moves into the hole
+            moved = self.slot_at[last]
+            self.cache.move_row(last, row, self.length[last])
+            self.slot_at[row], self.length[row] = moved, self.length[last]
+            self.row_of[moved] = row
+        self.slot_at.pop()
+        self.length.pop()
+
+    def warmup(self) -> None:
+        slots = list(range(min(2, self.max_batch)))
+        self.prefill(slots, [[0] * (i + 1) for i in slots])  # different lengths: the padded path too
+        self.decode(slots, [0] * len(slots), [i + 1 for i in slots])
+        for s in slots:
+            self.release(s)

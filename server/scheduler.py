@@ -1,0 +1,288 @@
+"""Continuous batching: one loop shares every forward pass among all running requests.
+
+Each iteration: drop cancelled or expired requests (freeing their slots), admit waiting requests into free
+slots and prefill them together, then run one decode step over every running request. Sampled tokens go
+through each request's TextStream into its output queue; a finished request leaves at once and its slot is
+reused in the next iteration. Forward passes and sampling run in one worker thread (torch releases the GIL),
+so the event loop keeps streaming; all scheduler state is touched only on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from server.backends.base import Backend
+from server.detokenize import TextStream
+from server.errors import DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
+from server.metrics import Metrics
+from ulm.generate import SamplingParams, sample_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+
+
+@dataclass
+class Chunk:
+    """What a request's stream receives: new text and tokens; the last one has finish_reason (or an error)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "length" | "stop" | "eos"
+    error: ServiceError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def merge(self, later: "Chunk") -> "Chunk":
+        return Chunk(self.text + later.text, self.token_ids + later.token_ids, later.finish_reason, later.error,
+                     later.prompt_tokens, later.completion_tokens)
+
+
+class Sequence:
+    """A request inside the scheduler: its slot, its sampled tokens and its output queue."""
+
+    def __init__(self, req: GenerationRequest, stream: TextStream):
+        self.req = req
+        self.generator = None if req.params.greedy else req.params.make_generator()
+        self.stream = stream
+        self.tokens: list[int] = []
+        self.slot: int | None = None
+        self.prefilled = False  # the backend holds the slot's cache
+        self.out: asyncio.Queue[Chunk] = asyncio.Queue()
+        self.cancelled: str | None = None  # why the client went away: "cancelled" or "deadline"
+        self.aborted = False  # the server is shutting down
+        self.finished = False
+        self.arrival = self.last = time.monotonic()
+
+    @property
+    def position(self) -> int:
+        """Where the last sampled token goes when it is fed back."""
+        return len(self.req.prompt_ids) + len(self.tokens) - 1
+
+    def dropped(self, now: float) -> str | None:
+        if self.aborted:
+            return "aborted"
+        if self.req.deadline is not None and now >= self.req.deadline:
+            return "deadline"
+        return self.cancelled
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, max_queue: int, metrics: Metrics,
+                 executor: ThreadPoolExecutor | None = None):
+        self.backend = backend
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.eos_id = backend.tokenizer.eos_id
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="ulm-model")
+        self.free = list(range(backend.max_batch - 1, -1, -1))  # pop() hands out slot 0 first
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self.to_release: list[int] = []  # slots the backend still holds; released before the next pass
+        self.accepting = True
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+
+    # -- called from request handlers -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
+
+    def submit(self, req: GenerationRequest) -> Sequence:
+        if not self.accepting:
+            raise Unavailable("server is shutting down")
+        if len(self.waiting) >= self.max_queue + len(self.free):
+            raise ResourceExhausted(f"queue is full: {len(self.waiting)} requests waiting for "
+                                    f"{self.backend.max_batch} slots (--max-queue {self.max_queue})")
+        seq = Sequence(req, TextStream(self.backend.tokenizer, req.stop))
+        self.waiting.append(seq)
+        self.metrics.queue_depth.set(len(self.waiting))
+        self._idle.clear()
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Idempotent; the slot is freed before the next forward pass."""
+        if not seq.finished and not seq.cancelled:
+            seq.cancelled = reason
+            self._wake.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait for the accepted ones; after `timeout`, abort the rest (UNAVAILABLE)."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            for seq in [*self.waiting, *self.running.values()]:
+                seq.aborted = True  # the loop finishes them before its next pass
+            self._wake.set()
+            try:
+                await asyncio.wait_for(self._idle.wait(), 1.0)
+            except asyncio.TimeoutError:
+                log.warning("scheduler still busy after aborting requests")
+            return False
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    @property
+    def busy_slots(self) -> int:
+        return self.backend.max_batch - len(self.free)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.waiting and not self.running:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._iteration()
+            except Exception as e:  # a bug here must not leave every stream hanging: fail the batch, go on
+                log.exception("scheduler iteration failed")
+                for seq in list(self.running.values()):
+                    self._finish(seq, "error", error=Internal(f"scheduler error: {e}"))
+
+    async def _iteration(self) -> None:
+        self._drop()
+        new = self._admit()
+        if new:
+            await self._step(new, prefill=True)
+        if self.running:
+            await self._step(list(self.running.values()), prefill=False)
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.running.set(len(self.running))
+
+    def _drop(self) -> None:
+        """Finish cancelled and expired requests, waiting or running."""
+        now = time.monotonic()
+        for seq in list(self.running.values()):
+            if reason := seq.dropped(now):
+                self._finish(seq, reason)
+        if any(seq.dropped(now) for seq in self.waiting):
+            keep = deque()
+            for seq in self.waiting:
+                if reason := seq.dropped(now):
+                    self._finish(seq, reason)
+                else:
+                    keep.append(seq)
+            self.waiting = keep
+
+    def _admit(self) -> list[Sequence]:
+        new = []
+        now = time.monotonic()
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            if reason := seq.dropped(now):
+                self._finish(seq, reason)
+                continue
+            seq.slot = self.free.pop()
+            self.running[seq.slot] = seq
+            new.append(seq)
+        return new
+
+    async def _step(self, seqs: list[Sequence], prefill: bool) -> None:
+        released, self.to_release = self.to_release, []
+        work = self._prefill_sync if prefill else self._decode_sync
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(self.executor, work, released, seqs)
+        except Exception as e:  # a failed pass fails its requests only; the server keeps serving
+            log.exception("%s failed for %d requests", "prefill" if prefill else "decode", len(seqs))
+            for seq in seqs:
+                self._finish(seq, "error", error=Internal(f"model forward pass failed: {e}"))
+            return
+        now = time.monotonic()
+        for seq, token in zip(seqs, tokens):
+            if prefill:
+                seq.prefilled = True
+                self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
+            if reason := seq.dropped(now):
+                self._finish(seq, reason)
+            elif not seq.finished:
+                try:
+                    self._on_token(seq, token, now)
+                except Exception as e:  # e.g. a tokenizer error: this request fails, the others go on
+                    log.exception("request failed after token %d", token)
+                    self._finish(seq, "error", error=Internal(f"could not process token {token}: {e}"))
+        if not prefill:
+            self.metrics.batch_size.observe(len(seqs))
+
+    # forward passes, in the worker thread
+
+    def _release_sync(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.backend.release(slot)
+
+    def _prefill_sync(self, released: list[int], seqs: list[Sequence]) -> list[int]:
+        self._release_sync(released)
+        logits = self.backend.prefill([s.slot for s in seqs], [s.req.prompt_ids for s in seqs])
+        return sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+
+    def _decode_sync(self, released: list[int], seqs: list[Sequence]) -> list[int]:
+        self._release_sync(released)
+        logits = self.backend.decode([s.slot for s in seqs], [s.tokens[-1] for s in seqs],
+                                     [s.position for s in seqs])
+        return sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+
+    # results, on the event loop
+
+    def _on_token(self, seq: Sequence, token: int, now: float) -> None:
+        (self.metrics.inter_token_latency if seq.tokens else self.metrics.time_to_first_token).observe(
+            now - seq.last)
+        seq.last = now
+        seq.tokens.append(token)
+        self.metrics.generated_tokens.inc()
+        text, stopped = seq.stream.push(token)
+        reason = "stop" if stopped else None
+        if not stopped and (token == self.eos_id or len(seq.tokens) >= seq.req.max_new_tokens):
+            rest, stopped = seq.stream.flush()
+            text += rest
+            reason = "stop" if stopped else "eos" if token == self.eos_id else "length"
+        if reason is None:
+            seq.out.put_nowait(Chunk(text, [token]))
+        else:
+            self._finish(seq, reason, Chunk(text, [token]))
+
+    def _finish(self, seq: Sequence, reason: str, last: Chunk | None = None,
+                error: ServiceError | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq.slot is not None:
+            del self.running[seq.slot]
+            if seq.prefilled:
+                self.to_release.append(seq.slot)
+            self.free.append(seq.slot)
+            seq.slot = None
+        self.metrics.finished.labels(reason).inc()
+        if reason == "deadline":
+            error = DeadlineExceeded("deadline expired during generation")
+        elif reason == "aborted":
+            error = Unavailable("server shut down before the request finished")
+        last = last or Chunk()
+        last.finish_reason = reason
+        last.error = error
+        last.prompt_tokens, last.completion_tokens = len(seq.req.prompt_ids), len(seq.tokens)
+        seq.out.put_nowait(last)

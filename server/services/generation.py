@@ -1,0 +1,176 @@
+"""ulm.v1.TextGeneration: streaming generation over the continuous-batching scheduler."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from clients.api.ulm.v1 import text_generation_pb2 as pb
+from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from server.backends import BACKENDS, load_backend
+from server.backends.base import Backend
+from server.errors import InvalidArgument, NotFound, Unavailable
+from server.metrics import Metrics
+from server.scheduler import Chunk, GenerationRequest, Scheduler
+from server.services import ServiceSpec, register
+from ulm.generate import SamplingParams
+
+FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("text generation")
+    g.add_argument("--checkpoint", help="checkpoint directory; none = the built-in default model")
+    g.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; more get RESOURCE_EXHAUSTED")
+    g.add_argument("--default-max-new-tokens", type=int, default=128,
+                   help="used when a request asks for 0 (capped by the room left in the context)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = one per core, less one for the event loop")
+
+
+class GenerationService(pb_grpc.TextGenerationServicer):
+    name = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+
+    def __init__(self, args: argparse.Namespace, metrics: Metrics):
+        for flag in ("max_batch", "default_max_new_tokens"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if args.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+        if not args.checkpoint:
+            raise ValueError("no --checkpoint given")
+        self.args = args
+        self.metrics = metrics
+        self.backend: Backend | None = None
+        self.scheduler: Scheduler | None = None
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_TextGenerationServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        import torch
+
+        threads = self.args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        torch.set_num_threads(threads)
+        # one thread runs every forward pass: loading, warm-up and the scheduler's steps
+        executor = ThreadPoolExecutor(1, thread_name_prefix="ulm-model")
+        loop = asyncio.get_running_loop()
+        a = self.args
+        backend = await loop.run_in_executor(executor, load_backend, a.backend, a.checkpoint, a.device, a.max_batch)
+        await loop.run_in_executor(executor, backend.warmup)
+        self.backend = backend
+        self.scheduler = Scheduler(backend, a.max_queue, self.metrics, executor)
+        self.scheduler.start()
+
+    async def drain(self, timeout: float) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.drain(timeout)
+
+    async def close(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.close()
+
+    # -- RPCs -------------------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        scheduler = self._ready(request.model)
+        req = self.parse(request)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            req.deadline = time.monotonic() + remaining
+        seq = scheduler.submit(req)
+        context.add_done_callback(lambda ctx: scheduler.cancel(seq, call_end_reason(ctx)))  # free the slot
+        try:
+            while True:
+                chunk = await seq.out.get()
+                while chunk.finish_reason is None and not seq.out.empty():  # the client fell behind: coalesce
+                    chunk = chunk.merge(seq.out.get_nowait())
+                if chunk.error is not None:
+                    raise chunk.error
+                if chunk.finish_reason == "cancelled":  # only seen if the client is gone already
+                    return
+                yield to_response(chunk)
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            scheduler.cancel(seq, call_end_reason(context))
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        self._ready(request.model)
+        tok = self.backend.tokenizer
+        ids = tok.encode(request.text)
+        return pb.TokenizeResponse(token_ids=ids, tokens=[tok.hf.id_to_token(i) or "" for i in ids])
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        self._ready(request.model)
+        b = self.backend
+        return pb.ModelInfo(name=b.model_name, vocab_size=b.config.vocab_size, context_length=b.config.block_size,
+                            parameter_count=b.num_params, backend=b.name, device=b.device, dtype=b.dtype,
+                            max_batch=b.max_batch, eos_token_id=b.tokenizer.eos_id, bos_token_id=b.tokenizer.bos_id)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    def _ready(self, model: str) -> Scheduler:
+        if self.scheduler is None:
+            raise Unavailable("the model is still loading")
+        if model and model != self.backend.model_name:
+            raise NotFound(f"model {model!r} is not served here; this server serves {self.backend.model_name!r}")
+        return self.scheduler
+
+    def parse(self, r: pb.GenerateRequest) -> GenerationRequest:
+        """Validate a request; errors name the field."""
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(r, name)):
+                raise InvalidArgument(f"{name} must be a finite number, got {getattr(r, name)}")
+        params = SamplingParams(r.temperature, r.top_k, r.top_p, r.seed if r.HasField("seed") else None)
+        try:
+            params.validate()
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from e
+        if len(r.stop) > MAX_STOP:
+            raise InvalidArgument(f"stop has {len(r.stop)} strings; at most {MAX_STOP} are allowed")
+        for i, s in enumerate(r.stop):
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise InvalidArgument(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
+        ids = self.backend.tokenizer.encode(r.prompt)
+        if not ids:
+            raise InvalidArgument("prompt must not be empty")
+        context = self.backend.config.block_size
+        if r.max_new_tokens == 0:
+            max_new = min(self.args.default_max_new_tokens, context - len(ids))
+            if max_new < 1:
+                raise InvalidArgument(f"prompt ({len(ids)} tokens) leaves no room in the context length {context}")
+        else:
+            max_new = r.max_new_tokens
+            if len(ids) + max_new > context:
+                raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the "
+                                      f"context length {context}")
+        return GenerationRequest(ids, max_new, params, list(r.stop))
+
+
+def call_end_reason(context: grpc.aio.ServicerContext) -> str:
+    left = context.time_remaining()
+    return "deadline" if left is not None and left <= 0 else "cancelled"
+
+
+def to_response(chunk: Chunk) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
+    if chunk.finish_reason is not None:
+        resp.finish_reason = FINISH[chunk.finish_reason]
+        resp.usage.prompt_tokens = chunk.prompt_tokens
+        resp.usage.completion_tokens = chunk.completion_tokens
+    return resp
+
+
+register(ServiceSpec(GenerationService.name, GenerationService, add_arguments))

@@ -1,0 +1,33 @@
+"""Shared fixtures. Keep this small and generic: tests build their own data and models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ulm.checkpoint import save_checkpoint
+from ulm.config import gpt_preset
+from ulm.model import GPT
+
+
+@pytest.fixture(scope="session")
+def toy_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised `toy` preset checkpoint (seed 0, byte-level tokenizer). Treat it as read-only."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("toy_checkpoint")
+    save_checkpoint(directory, GPT(gpt_preset("toy")), extra={"preset": "toy"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for tiny-model tests (opt in: `pytestmark = pytest.mark.usefixtures("single_thread")`).
+
+    Their ops are microseconds long, so threads only add synchronisation; on a loaded 2-core machine each
+    parallel region can stall for ~0.2 s waiting for a descheduled worker (a 4 s test took 90 s).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,242 @@
+"""`python -m export`: the graph against PyTorch (past lengths, batches, padding, greedy decoding), the export
+directory (files, hashes, report), int8 quantization on a quickly trained model, and errors."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from export.__main__ import main
+from export.onnx_export import input_names, present_names
+from export.pipeline import ExportOptions, export_checkpoint
+from export.runtime import ExportError, check_files, create_session, empty_past, read_export, run
+from export.verify import ort_greedy
+from ulm.checkpoint import load_checkpoint, save_checkpoint
+from ulm.config import GPTConfig
+from ulm.generate import generate_ids
+from ulm.model import GPT, KVCache
+from ulm.tokenizer import char_level
+
+# Bound asserted for the int8 model the test trains (2 layers, n_embd 64, ~200 steps on a synthetic grammar):
+# relative perplexity increase <= 3%. The issue's 2% is for the 4-layer, n_embd 128 shakespeare-char model;
+# per-tensor int8 of 64-wide matrices loses a little more, and a 200-step model is far from converged.
+PPL_BOUND = 0.03
+
+
+@pytest.fixture(scope="module")
+def exported(toy_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_onnx")
+    lines: list[str] = []
+    manifest = export_checkpoint(ExportOptions(str(toy_checkpoint), str(out), log=lines.append))
+    return out, manifest, lines
+
+
+@pytest.fixture(scope="module")
+def model(toy_checkpoint):
+    return load_checkpoint(toy_checkpoint)[0]
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    return create_session(exported[0] / "model.onnx")
+
+
+def test_export_directory(exported, toy_checkpoint):
+    out, manifest, lines = exported
+    assert [l.split("]")[0] for l in lines if l.startswith("[")] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json", "verify_report.json",
+            "manifest.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging files left behind"
+    check_files(out)  # every SHA-256 in the manifest matches
+    assert set(manifest["files"]) >= {"model.onnx", "model.onnx.data", "config.json", "verify_report.json"}
+    report = json.loads((out / "verify_report.json").read_text())
+    assert report == manifest["verification"]
+    assert report["float32"]["passed"] and report["float32"]["greedy"]["identical"]
+    assert report["float32"]["parity"]["max_abs_diff"] <= 1e-4
+    manifest2, cfg, tok = read_export(out)
+    ref_model, ref_tok, _ = load_checkpoint(toy_checkpoint)
+    assert cfg == ref_model.config and tok.encode("héllo") == ref_tok.encode("héllo")
+    assert manifest2["dtype"] == "float32"
+
+
+def test_graph_signature_has_dynamic_axes(exported, model):
+    g = onnx.load(str(exported[0] / "model.onnx"), load_external_data=False).graph
+    n = model.config.n_layer
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    assert [i.name for i in g.input] == input_names(n)
+    assert [o.name for o in g.output] == ["logits", *present_names(n)]
+    shapes = {v.name: dims(v) for v in [*g.input, *g.output]}
+    nh, hs = model.config.n_head, model.config.head_dim
+    assert shapes["input_ids"] == ["batch", "sequence"]
+    assert shapes["attention_mask"] == ["batch", "total_sequence"]
+    assert shapes["past_key_values.0.key"] == ["batch", nh, "past_sequence", hs]
+    assert shapes["present.1.value"] == ["batch", nh, "total_sequence", hs]
+    assert shapes["logits"] == ["batch", "num_logits", model.config.vocab_size]
+    # the weights live in the external data file, not in the graph
+    assert (exported[0] / "model.onnx.data").stat().st_size > 4 * model.num_params() * 0.9
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("past_lens,new", [([0], 5), ([1], 1), ([40], 3), ([0, 0], 4), ([1, 1, 1], 1),
+                                           ([40, 7, 0, 1], 1), ([40, 25], 6)])
+def test_parity_with_pytorch_at_varying_past_and_batch(model, session, past_lens, new):
+    """Each row's past comes from its own batch-1 ORT call; the rows are then LEFT-padded into one batch
+    (export.verify pads on the right) and extended by `new` tokens; reference: a full forward pass per row."""
+    cfg = model.config
+    rng = np.random.default_rng(len(past_lens) * 100 + new)
+    rows = [rng.integers(0, cfg.vocab_size, p + new).tolist() for p in past_lens]
+    B, P = len(rows), max(past_lens)
+    past = [np.zeros((B, cfg.n_head, P, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
+    mask = np.zeros((B, P + new), np.int64)
+    mask[:, P:] = 1
+    for b, (row, p) in enumerate(zip(rows, past_lens)):
+        if p:
+            _, present = run(session, [row[:p]], [list(range(p))], np.ones((1, p)), [[p - 1]], empty_past(cfg, 1))
+            for dst, src in zip(past, present):
+                dst[b, :, P - p:] = src[0]
+            mask[b, P - p:P] = 1
+    ids = [row[p:] for row, p in zip(rows, past_lens)]
+    pos = [list(range(p, p + new)) for p in past_lens]
+    logits, present = run(session, ids, pos, mask, [list(range(new))] * B, past)
+    assert logits.shape == (B, new, cfg.vocab_size)
+    assert present[0].shape == (B, cfg.n_head, P + new, cfg.head_dim)
+    for b, (row, p) in enumerate(zip(rows, past_lens)):
+        ref = model(torch.tensor([row]))[0, p:].numpy()
+        assert np.abs(logits[b] - ref).max() <= 1e-4, (b, past_lens)
+
+
+@torch.inference_mode()
+def test_present_equals_pytorch_kv_cache(model, session):
+    """The graph's present keys/values are the ones GPT.forward writes into a KVCache."""
+    cfg = model.config
+    ids = list(range(3, 20))
+    cache = KVCache.for_model(cfg, 1, 32)
+    model(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
+    _, present = run(session, [ids], [list(range(len(ids)))], np.ones((1, len(ids))), [[0]], empty_past(cfg, 1))
+    for i in range(cfg.n_layer):
+        assert np.abs(present[2 * i][0] - cache.k[i, 0, :, :len(ids)].numpy()).max() < 1e-5
+        assert np.abs(present[2 * i + 1][0] - cache.v[i, 0, :, :len(ids)].numpy()).max() < 1e-5
+
+
+def test_greedy_64_steps_identical(model, session, toy_checkpoint):
+    _, tok, _ = load_checkpoint(toy_checkpoint)
+    for prompt in ("Once upon", "x"):
+        ids = tok.encode(prompt)
+        assert ort_greedy(session, model.config, ids, 64) == generate_ids(model, ids, 64)
+
+
+# -- int8 ---------------------------------------------------------------------------------------------------
+
+
+def synthetic_text(n_sentences: int, seed: int) -> str:
+    rng = random.Random(seed)
+    subj = ["the cat", "a dog", "my friend", "the old man", "her sister", "a small bird"]
+    verb = ["sat on", "ran to", "looked at", "jumped over", "walked past", "sang to"]
+    obj = ["the mat", "the park", "a red house", "the river", "an apple tree", "the moon"]
+    return " ".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n_sentences))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A char-level model trained for a few seconds on a small synthetic grammar, and held-out text."""
+    torch.manual_seed(0)
+    text, val = synthetic_text(3000, 0), synthetic_text(600, 1)
+    tok = char_level(text)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=False))
+    data = torch.tensor(tok.encode(text, add_bos=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        ix = torch.randint(len(data) - 65, (32,))
+        x = torch.stack([data[i:i + 64] for i in ix])
+        y = torch.stack([data[i + 1:i + 65] for i in ix])
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1.2, "the test model did not train"
+    d = tmp_path_factory.mktemp("trained")
+    save_checkpoint(d / "ckpt", model.eval(), tok)
+    (d / "val.txt").write_text(val)
+    return d
+
+
+@pytest.fixture(scope="module")
+def quantized(trained):
+    out = trained / "int8"
+    lines: list[str] = []
+    manifest = export_checkpoint(ExportOptions(str(trained / "ckpt"), str(out), quantize="int8",
+                                               eval_data=str(trained / "val.txt"), log=lines.append))
+    return out, manifest, lines
+
+
+def test_int8_is_smaller_and_keeps_perplexity(quantized):
+    out, manifest, lines = quantized
+    assert manifest["dtype"] == "int8"
+    report = manifest["verification"]
+    assert report["float32"]["passed"]  # the fp32 graph was verified before quantizing
+    q = report["int8"]
+    assert q["size"]["matmul_weight_bytes"]["ratio"] >= 3.0
+    assert q["size"]["model_bytes"]["ratio"] > 1.5
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in g.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    ppl = q["perplexity"]
+    assert ppl["tokens"] > 10_000
+    assert ppl["float32"] < 4.0, "the fp32 model should have learned the grammar"
+    assert abs(ppl["float32"] - report["float32"]["perplexity"]["torch"]) < 1e-3 * ppl["float32"]
+    assert ppl["relative_change"] <= PPL_BOUND, ppl
+    assert any("int8 perplexity" in l for l in lines)
+
+
+def test_int8_session_perplexity_matches_report(quantized, trained):
+    """Recompute the int8 perplexity independently of the pipeline."""
+    out, manifest, _ = quantized
+    _, cfg, tok = read_export(out)
+    val = (trained / "val.txt").read_text()
+    ids = np.array(tok.encode(val[int(len(val) * 0.9):], add_bos=False))  # what --eval-data reads
+    n = (len(ids) - 1) // cfg.block_size * cfg.block_size
+    x, y = ids[:n].reshape(-1, cfg.block_size), ids[1:n + 1].reshape(-1, cfg.block_size)
+    session = create_session(out / "model.onnx")
+    pos = np.broadcast_to(np.arange(cfg.block_size), x.shape)
+    logits, _ = run(session, x, pos, np.ones_like(x), pos, empty_past(cfg, len(x)))
+    nll = F.cross_entropy(torch.from_numpy(logits).flatten(0, 1), torch.from_numpy(y).flatten())
+    assert abs(float(nll.exp()) / manifest["verification"]["int8"]["perplexity"]["onnx"] - 1) < 1e-3
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_incompatible_checkpoint_is_a_clear_error(toy_checkpoint, exported, tmp_path, capsys):
+    assert main(["--checkpoint", str(exported[0]), "--out", str(tmp_path / "a")]) == 2  # an export, not a ckpt
+    assert "not a µLM GPT checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(toy_checkpoint, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"]["n_embd"] = 96
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "b")]) == 2
+    assert "does not match its config" in capsys.readouterr().err
+    assert main(["--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "c"), "--opset", "13"]) == 2
+    assert "opset must be >= 17" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_backend_dir_errors(toy_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="run `python -m export`"):
+        read_export(toy_checkpoint)
+    with pytest.raises(ExportError, match="does not exist"):
+        read_export(tmp_path / "missing")
