@@ -101,10 +101,14 @@ def example_inputs(model: GPT, batch: int = 2, past: int = 3, new: int = 4) -> t
     return (ids, pos, mask, logits_index, *kv)
 
 
-def export_onnx(model: GPT, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Write out_dir/model.onnx (+ model.onnx.data) for `model` (fp32, CPU); returns the model's path."""
+def check_opset(opset: int) -> None:
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
+
+
+def export_onnx(model: GPT, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write out_dir/model.onnx (+ model.onnx.data) for `model` (fp32, CPU); returns the model's path."""
+    check_opset(opset)
     model = model.float().cpu().eval()
     n_layer = model.config.n_layer
     batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")

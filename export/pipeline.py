@@ -19,7 +19,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import DATA_FILE, DEFAULT_OPSET, MODEL_FILE, export_onnx, input_names, present_names
+from export.onnx_export import (DATA_FILE, DEFAULT_OPSET, MODEL_FILE, check_opset, export_onnx, input_names,
+                                present_names)
 from export.quantize import matmul_weight_bytes, model_bytes, quantize_int8
 from export.runtime import CONFIG_FILE, FORMAT, MANIFEST, REPORT_FILE, create_session, file_entries
 from export.verify import (ATOL, check_greedy, check_parity, eval_windows, parity_case, perplexity_ort,
@@ -57,6 +58,7 @@ def export_checkpoint(opts: ExportOptions) -> dict:
     say = opts.log
     if opts.quantize not in (None, *QUANTIZE):
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {opts.quantize!r}")
+    check_opset(opts.opset)
     src, out = Path(opts.checkpoint), Path(opts.out)
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from --checkpoint (the export writes its own config.json)")

@@ -277,6 +277,8 @@ class Scheduler:
             self.free.append(seq.slot)
             seq.slot = None
         self.metrics.finished.labels(reason).inc()
+        log.debug("request done (%s): %d prompt + %d generated tokens in %.3f s", reason, len(seq.req.prompt_ids),
+                  len(seq.tokens), time.monotonic() - seq.arrival)
         if reason == "deadline":
             error = DeadlineExceeded("deadline expired during generation")
         elif reason == "aborted":

@@ -31,3 +31,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_onnx_export(toy_checkpoint, tmp_path_factory) -> Path:
+    """`python -m export` of toy_checkpoint (fp32, verified against PyTorch). Treat it as read-only."""
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    out = tmp_path_factory.mktemp("toy_onnx")
+    export_checkpoint(ExportOptions(str(toy_checkpoint), str(out), threads=1, log=lambda _: None))
+    return out

@@ -78,7 +78,7 @@ class InProcessServer:
 
     @property
     def scheduler(self):
-        return self.app.services[0].scheduler
+        return next(s for s in self.app.services if s.name == "ulm.v1.TextGeneration").scheduler
 
     def metric(self, name: str, **labels) -> float:
         return self.app.metrics.value(name, labels)

@@ -18,6 +18,7 @@ import pytest
 
 from ulm.cli import main
 from ulm.data import build_dataset, dataset_id, load_manifest, load_split, load_tokenizer, verify_dataset
+from ulm.data import build as build_module
 from ulm.data.build import assign_splits
 from ulm.data.clean import CleaningConfig, clean_documents
 from ulm.data.dataset import token_dtype
@@ -40,11 +41,13 @@ def split_docs(ids: np.ndarray, tok) -> list[str]:
     return [tok.decode(part[part != tok.eos_id].tolist()) for part in np.split(np.asarray(ids), cuts)]
 
 
-def test_build_is_reproducible_and_round_trips(tmp_path):
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_build_is_reproducible_and_round_trips(kind, tmp_path):
     src = tmp_path / "corpus.txt"
     src.write_text(TEXT)
-    a = build([src], tmp_path / "a", tokenizer="char")
-    b = build([src], tmp_path / "b", tokenizer="char")
+    kw = {"vocab_size": 320} if kind == "bpe" else {}
+    a = build([src], tmp_path / "a", tokenizer=kind, **kw)
+    b = build([src], tmp_path / "b", tokenizer=kind, **kw)
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
     assert dataset_id(a) == dataset_id(b) == hashlib.sha256((a / "manifest.json").read_bytes()).hexdigest()
     m = load_manifest(a)
@@ -53,7 +56,7 @@ def test_build_is_reproducible_and_round_trips(tmp_path):
     assert str(tmp_path) not in (a / "manifest.json").read_text()  # no absolute paths in the hashed content
     verify_dataset(a)
     tok = load_tokenizer(a)
-    assert tok.kind == "char" and tok.add_bos is False
+    assert tok.kind == kind and tok.add_bos is False
     train, val = load_split(a, "train"), load_split(a, "val")
     assert isinstance(train, np.memmap) and train.dtype == np.uint16 and train.ndim == 1
     # one document cut at the newline nearest 90%: the two splits are the cleaned text minus that newline
@@ -61,7 +64,7 @@ def test_build_is_reproducible_and_round_trips(tmp_path):
     assert abs(len(train) / (len(train) + len(val)) - 0.9) < 0.01
     assert m["splits"]["train"]["num_tokens"] == len(train)
     # a different option gives a different id
-    c = build([src], tmp_path / "c", tokenizer="char", val_fraction=0.2)
+    c = build([src], tmp_path / "c", tokenizer=kind, val_fraction=0.2, **kw)
     assert dataset_id(c) != dataset_id(a)
 
 
@@ -192,6 +195,29 @@ def test_out_dir_protection(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "precious", "t.txt"]  # no temp dirs left
 
 
+def test_failed_build_leaves_old_dataset_and_no_temp(tmp_path, monkeypatch):
+    """A failure after the temporary folder exists (here: the disk fills while writing val) removes it and leaves
+    the dataset already at --out untouched."""
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT)
+    out = build([src], tmp_path / "ds", tokenizer="byte")
+    before = dataset_id(out)
+    real = build_module.write_split
+
+    def failing(path, *args):
+        if path.name == "val.bin":
+            assert (path.parent / "train.bin").is_file() and path.parent.name.startswith(".ds.tmp-")
+            raise OSError(28, "No space left on device")
+        return real(path, *args)
+
+    monkeypatch.setattr(build_module, "write_split", failing)
+    with pytest.raises(OSError, match="No space left"):
+        build([src], out, tokenizer="char", overwrite=True)
+    assert dataset_id(out) == before and load_tokenizer(out).kind == "byte"
+    verify_dataset(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "t.txt"]
+
+
 def test_split_assignment():
     docs = [Document("a" * 50), Document("b" * 30 + "\n" + "b" * 19), Document("c" * 10, "test"),
             Document("d" * 10, "val")]
@@ -259,6 +285,9 @@ def test_download_verifies_and_resumes(http_server, tmp_path):
     n = len(http_server.requests)
     download(http_server.url + "/f.bin", cache / "f.bin", sha, progress=False)
     assert len(http_server.requests) == n
+    # a cached file damaged since is fetched again
+    (cache / "f.bin").write_bytes(b"rot")
+    assert download(http_server.url + "/f.bin", cache / "f.bin", sha, progress=False).read_bytes() == data
     # the first mirror is down (404), the second answers
     path = download([http_server.url + "/missing", http_server.url + "/f.bin"], cache / "g.bin", sha, progress=False)
     assert path.read_bytes() == data

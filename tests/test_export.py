@@ -23,18 +23,17 @@ from ulm.generate import generate_ids
 from ulm.model import GPT, KVCache
 from ulm.tokenizer import char_level
 
-# Bound asserted for the int8 model the test trains (2 layers, n_embd 64, ~200 steps on a synthetic grammar):
-# relative perplexity increase <= 3%. The issue's 2% is for the 4-layer, n_embd 128 shakespeare-char model;
-# per-tensor int8 of 64-wide matrices loses a little more, and a 200-step model is far from converged.
-PPL_BOUND = 0.03
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Bound asserted for the int8 model the test trains (2 layers, n_embd 64, 200 steps on a synthetic grammar):
+# relative perplexity increase <= 2%, the issue's figure for shakespeare-char. Measured: +0.3% (per-tensor
+# scales); small matrices quantize slightly worse than the 128-wide shakespeare-char ones, hence the margin.
+PPL_BOUND = 0.02
 
 
 @pytest.fixture(scope="module")
-def exported(toy_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy_onnx")
-    lines: list[str] = []
-    manifest = export_checkpoint(ExportOptions(str(toy_checkpoint), str(out), log=lines.append))
-    return out, manifest, lines
+def exported(toy_onnx_export):
+    return toy_onnx_export, json.loads((toy_onnx_export / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +43,11 @@ def model(toy_checkpoint):
 
 @pytest.fixture(scope="module")
 def session(exported):
-    return create_session(exported[0] / "model.onnx")
+    return create_session(exported[0] / "model.onnx", threads=1)
 
 
 def test_export_directory(exported, toy_checkpoint):
-    out, manifest, lines = exported
-    assert [l.split("]")[0] for l in lines if l.startswith("[")] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    out, manifest = exported
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json", "verify_report.json",
             "manifest.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging files left behind"
@@ -149,7 +147,7 @@ def synthetic_text(n_sentences: int, seed: int) -> str:
 def trained(tmp_path_factory):
     """A char-level model trained for a few seconds on a small synthetic grammar, and held-out text."""
     torch.manual_seed(0)
-    text, val = synthetic_text(3000, 0), synthetic_text(600, 1)
+    text, val = synthetic_text(3000, 0), synthetic_text(5000, 1)  # --eval-data reads the last 10%
     tok = char_level(text)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=False))
     data = torch.tensor(tok.encode(text, add_bos=False))
@@ -173,13 +171,14 @@ def trained(tmp_path_factory):
 def quantized(trained):
     out = trained / "int8"
     lines: list[str] = []
-    manifest = export_checkpoint(ExportOptions(str(trained / "ckpt"), str(out), quantize="int8",
+    manifest = export_checkpoint(ExportOptions(str(trained / "ckpt"), str(out), quantize="int8", threads=1,
                                                eval_data=str(trained / "val.txt"), log=lines.append))
     return out, manifest, lines
 
 
 def test_int8_is_smaller_and_keeps_perplexity(quantized):
     out, manifest, lines = quantized
+    assert [l.split("]")[0] for l in lines if l.startswith("[")] == ["[1/5", "[2/5", "[3/5", "[4/5", "[5/5"]
     assert manifest["dtype"] == "int8"
     report = manifest["verification"]
     assert report["float32"]["passed"]  # the fp32 graph was verified before quantizing
@@ -205,7 +204,7 @@ def test_int8_session_perplexity_matches_report(quantized, trained):
     ids = np.array(tok.encode(val[int(len(val) * 0.9):], add_bos=False))  # what --eval-data reads
     n = (len(ids) - 1) // cfg.block_size * cfg.block_size
     x, y = ids[:n].reshape(-1, cfg.block_size), ids[1:n + 1].reshape(-1, cfg.block_size)
-    session = create_session(out / "model.onnx")
+    session = create_session(out / "model.onnx", threads=1)
     pos = np.broadcast_to(np.arange(cfg.block_size), x.shape)
     logits, _ = run(session, x, pos, np.ones_like(x), pos, empty_past(cfg, len(x)))
     nll = F.cross_entropy(torch.from_numpy(logits).flatten(0, 1), torch.from_numpy(y).flatten())

@@ -11,6 +11,7 @@ import urllib.request
 import grpc
 import psutil
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -22,6 +23,7 @@ from ulm.checkpoint import load_checkpoint
 from ulm.generate import SamplingParams, generate_ids
 from ulm.tokenizer import byte_level, char_level
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # in-process reference generation of a tiny model
 SERVICE = "ulm.v1.TextGeneration"
 GENERATE = f"{SERVICE}/Generate"
 
@@ -150,7 +152,6 @@ def test_health_and_reflection(server):
         db = ProtoReflectionDescriptorDatabase(channel)
         assert SERVICE in db.get_services()
         assert "grpc.health.v1.Health" in db.get_services()
-        from google.protobuf.descriptor_pool import DescriptorPool
         service = DescriptorPool(db).FindServiceByName(SERVICE)
         assert {m.name for m in service.methods} == {"Generate", "Tokenize", "GetModelInfo"}
         assert service.methods_by_name["Generate"].output_type.full_name == "ulm.v1.GenerateResponse"
@@ -401,33 +402,31 @@ def test_memory_stays_flat_over_500_requests(process):
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_0(process):
-    server = process
-    if True:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
-            new = CONTEXT - 20
-            calls = [stub.Generate(pb.GenerateRequest(prompt=f"drain {i}", max_new_tokens=new)) for i in range(4)]
-            firsts = [next(c) for c in calls]  # all four are running
-            results = [None] * 4
+    new = 300
+    with grpc.insecure_channel(process.target) as channel:
+        stub = pb_grpc.TextGenerationStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        calls = [stub.Generate(pb.GenerateRequest(prompt=f"drain {i}", max_new_tokens=new)) for i in range(4)]
+        firsts = [next(c) for c in calls]  # all four are running
+        results = [None] * 4
 
-            def finish(i):
-                msgs = [firsts[i], *calls[i]]
-                results[i] = (sum(len(m.token_ids) for m in msgs), msgs[-1].finish_reason)
+        def finish(i):
+            msgs = [firsts[i], *calls[i]]
+            results[i] = (sum(len(m.token_ids) for m in msgs), msgs[-1].finish_reason)
 
-            readers = [threading.Thread(target=finish, args=(i,)) for i in range(4)]
-            for t in readers:
-                t.start()
-            server.terminate()
-            deadline = time.monotonic() + 5
-            while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "health never went NOT_SERVING"
-                time.sleep(0.005)
-            with pytest.raises(grpc.RpcError) as e:
-                stub.GetModelInfo(pb.GetModelInfoRequest())
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert all(r is None for r in results)  # the streams were still running
-            for t in readers:
-                t.join(20)
-        assert results == [(new, pb.FINISH_REASON_LENGTH)] * 4
-        assert server.proc.wait(20) == 0, "".join(server.log)
+        readers = [threading.Thread(target=finish, args=(i,)) for i in range(4)]
+        for t in readers:
+            t.start()
+        process.terminate()
+        deadline = time.monotonic() + 5
+        while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health never went NOT_SERVING"
+            time.sleep(0.005)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert all(r is None for r in results)  # the streams were still running
+        for t in readers:
+            t.join(20)
+    assert results == [(new, pb.FINISH_REASON_LENGTH)] * 4
+    assert process.proc.wait(20) == 0, "".join(process.log)

@@ -90,6 +90,10 @@ def test_pieces_encode_like_the_whole_text(bpe):
     for tok in tokenizers(bpe).values():
         whole = tok.encode(text, add_bos=False)
         assert [i for p in pieces for i in tok.encode(p, add_bos=False)] == whole
+    # no safe place (no spaces): cut at the target, still losslessly
+    blob = "日本語" * 1000
+    pieces = list(text_pieces(blob, max_chars=500))
+    assert [len(p) for p in pieces] == [500] * 4 + [1000] and "".join(pieces) == blob
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "byte"])

@@ -408,8 +408,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device).expand(B, T)
+            length = T
+        else:
+            length = int(input_pos.max()) + 1  # a cache attends over positions [0, length)
         # check before the position lookup, which would fail with a bare IndexError
-        length = T if kv_cache is None else int(input_pos.max()) + 1  # a cache attends over positions [0, length)
         if length > self.config.block_size:
             raise ValueError(f"sequence length {length} exceeds the context length {self.config.block_size}")
         if kv_cache is not None and length > kv_cache.max_len:

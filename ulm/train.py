@@ -45,8 +45,8 @@ STATE_JSON = "trainer_state.json"
 STATE_FORMAT = "ulm-trainer-state/1"
 METRICS, CONFIG_JSON = "metrics.jsonl", "train_config.json"
 # keys a resumed run may change; anything else must match the interrupted run
-RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "eval_examples", "stop_accuracy", "log_interval",
-             "checkpoint_interval", "device", "threads", "compile", "dataset"}
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "eval_examples", "stop_accuracy", "stop_patience",
+             "log_interval", "checkpoint_interval", "device", "threads", "compile", "dataset"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # the same global batches on every process
     torch.manual_seed(cfg.seed + d.rank)  # dropout: different masks per process
-    step, best, elapsed, loss_sum, loss_count = 0, None, 0.0, 0.0, 0
+    step, best, elapsed, loss_sum, loss_count, streak = 0, None, 0.0, 0.0, 0, 0
 
     if last is not None:
         state, tensors = load_state(last)
@@ -388,7 +388,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
         torch.set_rng_state(tensors[f"rng.torch.{r}"])
         if device.type == "cuda" and f"rng.cuda.{r}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{r}"])
-        step, best, elapsed = state["iter"], state["best"], state["elapsed_s"]
+        step, best, elapsed, streak = state["iter"], state["best"], state["elapsed_s"], state["streak"]
         loss_sum, loss_count = state["loss_sum"][r], state["loss_count"]
     model.train()
 
@@ -469,9 +469,10 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
                     shutil.rmtree(tmp, ignore_errors=True)
                     save_checkpoint(tmp, model, data.tokenizer, {**extra, **best})
                     replace_dir(tmp, out / BEST)
-                stop = 0 < cfg.stop_accuracy <= result.get("val_accuracy", 0.0)
+                streak = streak + 1 if 0 < cfg.stop_accuracy <= result.get("val_accuracy", 0.0) else 0
+                stop = streak >= cfg.stop_patience
                 if stop:
-                    bar.write(f"val exact match reached {cfg.stop_accuracy}: stopping")
+                    bar.write(f"val exact match >= {cfg.stop_accuracy} at {streak} evaluation(s) in a row: stopping")
             if d.world > 1:  # everyone learns whether the master stopped
                 flag = torch.tensor([int(stop)], device=device)
                 dist.broadcast(flag, 0)
@@ -490,7 +491,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
                     tensors[f"rng.torch.{r}"] = e["torch"]
                     if e["cuda"] is not None:
                         tensors[f"rng.cuda.{r}"] = e["cuda"]
-                state = {"iter": step, "best": best, "config": cfg.to_dict(), "world": d.world,
+                state = {"iter": step, "best": best, "streak": streak, "config": cfg.to_dict(), "world": d.world,
                          "elapsed_s": time.perf_counter() - t_start, "loss_sum": [e["loss"] for e in everyone],
                          "loss_count": loss_count, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
                 save_last(out, model, data.tokenizer, {**extra, "iter": step}, optimizer, tensors, state)
@@ -516,7 +517,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop records past `step` (a resumed run redoes them), so the log reads as one uninterrupted run."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iter"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            pass
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -49,7 +49,8 @@ class TrainConfig:
     eval_interval: int = 250  # iterations between validations (and `best` checkpoints)
     eval_iters: int = 20  # val batches per loss estimate
     eval_examples: int = 1000  # addition: val prompts for greedy exact match (0 = the whole split)
-    stop_accuracy: float = 0.0  # addition: stop once val exact match reaches this (0 = off)
+    stop_accuracy: float = 0.0  # addition: stop once val exact match reaches this (0 = off) ...
+    stop_patience: int = 1  # ... at this many evaluations in a row
     log_interval: int = 10
     checkpoint_interval: int = 0  # iterations between `last` checkpoints (0 = eval_interval)
     # system
@@ -68,7 +69,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                     "stop_patience"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_iters", "lr_decay_iters", "eval_examples", "checkpoint_interval", "threads",

@@ -39,7 +39,8 @@ class OnnxBackend:
             raise ValueError("this export is int8 (dynamic quantization), which is for the CPU: it runs slower than "
                              "fp32 on the CUDA provider. Serve it with --device cpu, or export without --quantize "
                              "for CUDA")
-        self.session = create_session(d / MODEL_FILE, device, threads)
+        # intra-op threads: the server's --threads (it sets torch's count), so one flag sizes either backend
+        self.session = create_session(d / MODEL_FILE, device, threads or torch.get_num_threads())
         in_use = self.session.get_providers()
         self.device = "cuda" if in_use[0] == CUDA else "cpu"
         if device == "cuda" and self.device != "cuda":

@@ -61,12 +61,12 @@ class GenerationService(pb_grpc.TextGenerationServicer):
     async def start(self) -> None:
         import torch
 
-        threads = self.args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
-        torch.set_num_threads(threads)
         # one thread runs every forward pass: loading, warm-up and the scheduler's steps
         executor = ThreadPoolExecutor(1, thread_name_prefix="ulm-model")
         loop = asyncio.get_running_loop()
         a = self.args
+        threads = a.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        await loop.run_in_executor(executor, torch.set_num_threads, threads)  # OpenMP's setting is per thread
         backend = await loop.run_in_executor(executor, load_backend, a.backend, a.checkpoint, a.device, a.max_batch)
         await loop.run_in_executor(executor, backend.warmup)
         self.backend = backend

@@ -85,7 +85,7 @@ def clean_documents(docs: Iterable[Document], cfg: CleaningConfig, progress: boo
     return kept, report
 
 
-def _count(step: dict, key: str, chars_removed: int) -> None:
+def _count(step: dict, key: str, chars_removed: int) -> None:  # negative: characters added (NFD/NFKD expand)
     step[key] += 1
     step["chars_removed"] += chars_removed
 

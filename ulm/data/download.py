@@ -47,14 +47,17 @@ def download(urls: str | list[str], dest: str | os.PathLike, sha256: str | None,
              progress: bool = True) -> Path:
     """Make `dest` hold the verified file from the first of `urls` that answers; return `dest`.
 
-    A `dest` that already exists is re-verified, not fetched again. Connection errors leave `<dest>.part` for
+    A `dest` that already exists is re-verified, not fetched again (unless it no longer matches). Connection errors leave `<dest>.part` for
     the next call to resume; a checksum mismatch deletes it and raises ChecksumError.
     """
     dest = Path(dest)
     urls = [urls] if isinstance(urls, str) else list(urls)
     if dest.is_file():
-        check_digest(dest, sha256, f"cached {dest}")
-        return dest
+        try:
+            check_digest(dest, sha256, f"cached {dest}")
+            return dest
+        except ChecksumError:
+            dest.unlink()  # damaged since it was verified: fetch it again
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     errors = []
@@ -72,7 +75,7 @@ def download(urls: str | list[str], dest: str | os.PathLike, sha256: str | None,
         os.replace(part, dest)
         return dest
     raise OSError(f"could not download {dest.name} ({'; '.join(errors)}); without network, point the source at "
-                  f"a local copy (NAME=PATH) or put the verified file at {dest}")
+                  f"a local copy (--source NAME=PATH) or put the verified file at {dest}")
 
 
 def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:

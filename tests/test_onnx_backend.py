@@ -1,0 +1,203 @@
+"""The ONNX Runtime backend: continuous batching against the in-process reference, provider choice and
+fallback, int8 on CUDA refused, errors, and greedy streams through the gRPC API identical to the torch backend's."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from clients.api.ulm.v1 import text_generation_pb2 as pb
+from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from export.quantize import quantize_int8
+from export.runtime import ExportError, file_entries
+from server.backends import load_backend
+from server.backends.onnx_backend import OnnxBackend
+from server.backends.torch_backend import TorchBackend
+from server_fixture import InProcessServer
+from ulm.checkpoint import load_checkpoint
+from ulm.generate import generate_ids
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(toy_checkpoint):
+    return toy_checkpoint
+
+
+@pytest.fixture(scope="module")
+def export_dir(toy_onnx_export):
+    return toy_onnx_export
+
+
+@pytest.fixture(scope="module")
+def int8_dir(export_dir, tmp_path_factory):
+    """The fp32 export with its graph quantized (what `--quantize int8` writes, without a second export)."""
+    out = tmp_path_factory.mktemp("toy_int8")
+    shutil.copytree(export_dir, out, dirs_exist_ok=True)
+    quantize_int8(export_dir / "model.onnx", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["dtype"] = "int8"
+    manifest["files"] = file_entries(out, list(manifest["files"]))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return load_checkpoint(checkpoint)[0]
+
+
+def run_batching(backend, prompts: list[list[int]], max_new: list[int], max_batch: int) -> dict[int, list[int]]:
+    """Greedy continuous batching as the scheduler does it: admit into free slots, prefill the newcomers,
+    decode every running slot, release finished ones (slots are reused). Returns the tokens per request."""
+    out: dict[int, list[int]] = {}
+    running: dict[int, int] = {}  # slot -> request
+    waiting, free = list(range(len(prompts))), list(range(max_batch))
+    while waiting or running:
+        new = []
+        while waiting and free:
+            r, s = waiting.pop(0), free.pop(0)
+            running[s], out[r] = r, []
+            new.append(s)
+        if new:
+            for s, logits in zip(new, backend.prefill(new, [prompts[running[s]] for s in new])):
+                out[running[s]].append(int(logits.argmax()))
+        slots = [s for s in running if len(out[running[s]]) < max_new[running[s]]]
+        if slots:
+            logits = backend.decode(slots, [out[running[s]][-1] for s in slots],
+                                    [len(prompts[running[s]]) + len(out[running[s]]) - 1 for s in slots])
+            for s, row in zip(slots, logits):
+                out[running[s]].append(int(row.argmax()))
+        for s in [s for s in running if len(out[running[s]]) >= max_new[running[s]]]:
+            del running[s]
+            backend.release(s)
+            free.append(s)
+    return out
+
+
+def test_continuous_batching_matches_generate_ids(export_dir, checkpoint, reference):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 259, int(rng.integers(1, 30))).tolist() for _ in range(9)]
+    max_new = [int(rng.integers(2, 25)) for _ in prompts]
+    backend = OnnxBackend(export_dir, "cpu", max_batch=4)
+    backend.warmup()
+    got = run_batching(backend, prompts, max_new, 4)
+    for r, p in enumerate(prompts):
+        assert got[r] == generate_ids(reference, p, max_new[r]), r
+    assert not backend.length and not backend.parked  # everything released
+
+
+def test_logits_match_torch_backend_step_by_step(export_dir, checkpoint):
+    """Same calls into both backends, rows of different lengths joining and leaving: logits agree."""
+    onnx_b, torch_b = OnnxBackend(export_dir, "cpu", 4), TorchBackend(checkpoint, "cpu", 4)
+    prompts = {0: [5, 6, 7], 1: list(range(40, 90)), 2: [9], 3: list(range(100, 117))}
+
+    def both(fn, *args):
+        a, b = getattr(onnx_b, fn)(*args), getattr(torch_b, fn)(*args)
+        if a is not None:
+            assert a.dtype == torch.float32 and a.shape == b.shape
+            assert (a - b).abs().max() <= 1e-4
+            return a
+
+    both("prefill", [0, 1], [prompts[0], prompts[1]])
+    length = {0: 3, 1: 50}
+    for step in range(4):
+        both("decode", [0, 1], [step, step + 1], [length[0], length[1]])
+        length = {s: n + 1 for s, n in length.items()}
+    both("prefill", [2, 3], [prompts[2], prompts[3]])
+    length.update({2: 1, 3: 17})
+    both("release", 1)
+    del length[1]
+    for step in range(3):
+        slots = [3, 0, 2] if step % 2 else [0, 2, 3]  # the same set in another order
+        both("decode", slots, [7] * 3, [length[s] for s in slots])
+        length = {s: n + 1 for s, n in length.items()}
+    both("decode", [2], [1], [length[2]])  # a subset: the others wait
+    length[2] += 1
+    both("decode", [0, 2, 3], [1, 2, 3], [length[0], length[2], length[3]])
+
+
+def test_backend_attributes_and_registry(export_dir, checkpoint):
+    b = load_backend("onnx", export_dir, "cpu", 3)
+    assert isinstance(b, OnnxBackend)
+    assert (b.name, b.device, b.dtype, b.max_batch) == ("onnx", "cpu", "float32", 3)
+    ref = TorchBackend(checkpoint, "cpu", 1)
+    assert b.num_params == ref.num_params and b.config == ref.config
+    assert b.tokenizer.encode("abc") == ref.tokenizer.encode("abc")
+
+
+def test_cuda_request_logs_the_provider_in_use(export_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="server.backends.onnx_backend"):
+        b = OnnxBackend(export_dir, "cuda", 2)
+    text = caplog.text
+    assert f"providers in use: {', '.join(b.providers)}" in text
+    if b.device == "cuda":  # a machine with a working CUDA provider
+        assert b.providers[0] == "CUDAExecutionProvider"
+    else:
+        assert b.providers == ["CPUExecutionProvider"]
+        assert "CUDA execution provider unavailable" in text and "falling back to CPUExecutionProvider" in text
+        assert any(r.levelno == logging.WARNING for r in caplog.records)
+    b.warmup()
+
+
+def test_int8_is_refused_on_cuda_and_runs_on_cpu(int8_dir, export_dir):
+    with pytest.raises(ValueError, match="int8.*for the CPU"):
+        OnnxBackend(int8_dir, "cuda", 2)
+    q, f = OnnxBackend(int8_dir, "cpu", 2), OnnxBackend(export_dir, "cpu", 2)
+    assert q.dtype == "int8"
+    a, b = q.prefill([0], [[1, 2, 3, 4]]), f.prefill([0], [[1, 2, 3, 4]])
+    assert 0 < (a - b).abs().max() < 0.05  # quantized: close, not equal
+
+
+def test_errors(export_dir, checkpoint, tmp_path):
+    b = OnnxBackend(export_dir, "cpu", 2)
+    b.prefill([0], [[1, 2, 3]])
+    with pytest.raises(ValueError, match="slot 0 is in use"):
+        b.prefill([0], [[1]])
+    with pytest.raises(ValueError, match="cannot decode at position 5"):
+        b.decode([0], [1], [5])
+    with pytest.raises(ValueError, match="slot 1 holds no sequence"):
+        b.decode([1], [1], [0])
+    with pytest.raises(ValueError, match="prompt lengths"):
+        b.prefill([1], [list(range(600))])
+    with pytest.raises(ExportError, match="run `python -m export`"):
+        OnnxBackend(checkpoint, "cpu", 2)
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    with open(broken / "model.onnx.data", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ExportError, match="model.onnx.data is missing or has the wrong size"):
+        OnnxBackend(broken, "cpu", 2)
+
+
+def test_grpc_greedy_streams_identical_to_torch_backend(checkpoint, export_dir):
+    prompts = ["Hello", "The quick brown fox", "a", "Once upon a time there was", "1 2 3", "zzz"]
+
+    def generate_all(server) -> list[tuple[list[int], str]]:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+
+            def one(i_prompt):
+                i, prompt = i_prompt
+                msgs = list(stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=20 + 7 * i), timeout=60))
+                return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs)
+
+            with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: continuous batching with joins/leaves
+                return info, list(pool.map(one, enumerate(prompts)))
+
+    with InProcessServer(["--checkpoint", str(export_dir), "--backend", "onnx", "--max-batch", "4"]) as s:
+        info, onnx_out = generate_all(s)
+    assert (info.backend, info.device, info.dtype) == ("onnx", "cpu", "float32")
+    with InProcessServer(["--checkpoint", str(checkpoint), "--max-batch", "4"]) as s:
+        _, torch_out = generate_all(s)
+    assert onnx_out == torch_out
+    assert all(ids for ids, _ in onnx_out)
