@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--per-channel", action="store_true", help="int8: one scale per output column")
     p.add_argument("--eval-data", help="held-out text for perplexity: a dataset directory (val split) or a text "
-                   "file (its last 10%%)")
+                   "file (its last 10%%); default: the dataset the checkpoint was trained on, if it is here")
     p.add_argument("--eval-tokens", type=int, default=32768, help="at most this many evaluation tokens")
     p.add_argument("--atol", type=float, default=ATOL, help="max abs logits difference accepted (fp32)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: physical cores)")

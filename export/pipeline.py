@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -33,6 +34,7 @@ from ulm.tokenizer import TOKENIZER_FILE, TOKENIZER_META, Tokenizer, atomic_writ
 QUANTIZE = ("int8",)
 PPL_TOLERANCE = 0.02  # relative perplexity increase int8 vs fp32 accepted without a warning
 GREEDY_PROMPT = "The "
+FILES = [MODEL_FILE, DATA_FILE, TOKENIZER_FILE, TOKENIZER_META, CONFIG_FILE, REPORT_FILE]  # manifest.json lists them
 
 
 @dataclass
@@ -42,11 +44,11 @@ class ExportOptions:
     quantize: str | None = None  # None | "int8"
     opset: int = DEFAULT_OPSET
     per_channel: bool = False
-    eval_data: str | None = None  # dataset directory (its val split) or a text file (its last 10%)
+    eval_data: str | None = None  # dataset directory (val split) or text file (last 10%); None: the checkpoint's
     eval_tokens: int = 32768
     atol: float = ATOL
     threads: int | None = None
-    log: callable = field(default=print, repr=False)
+    log: Callable[[str], None] = field(default=print, repr=False)
 
 
 class VerificationError(RuntimeError):
@@ -73,8 +75,12 @@ def export_checkpoint(opts: ExportOptions) -> dict:
     cfg = model.config
     say(f"      {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, vocab {cfg.vocab_size}, "
         f"context {cfg.block_size}")
+    if opts.eval_data is None and meta.get("dataset") and Path(meta["dataset"]).is_dir():
+        opts = replace(opts, eval_data=meta["dataset"])  # the dataset it was trained on (ulm train records it)
+        say(f"      evaluation data: {opts.eval_data} (the checkpoint's dataset, val split)")
     eval_tokens = read_eval_tokens(opts.eval_data, tokenizer, opts.eval_tokens) if opts.eval_data else None
 
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
     stage = out / f".staging-{os.getpid()}"
@@ -112,11 +118,24 @@ def export_checkpoint(opts: ExportOptions) -> dict:
     return manifest
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse to write into a directory that holds anything but a (previous) export."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    stray = sorted(p.name for p in out.iterdir() if p.name not in (*FILES, MANIFEST) and not p.name.startswith(".staging-"))
+    if stray:
+        raise ValueError(f"--out {out} holds files that are not part of an export ({', '.join(stray[:5])}); "
+                         "choose a new or an export directory")
+
+
 def verify_fp32(model: GPT, tokenizer: Tokenizer, session: ort.InferenceSession, atol: float, say) -> dict:
-    parity = check_parity(model, session, atol)
-    for c in parity["cases"]:
+    def show(c: dict) -> None:
         say(f"      batch {c['batch']} past {c['past_lens']} +{c['new_tokens']}: max |dlogits| "
             f"{c['max_abs_diff']:.2e}")
+
+    parity = check_parity(model, session, atol, on_case=show)
     say(f"      parity: max |dlogits| {parity['max_abs_diff']:.2e} (<= {atol:g}: "
         f"{'ok' if parity['passed'] else 'FAILED'})")
     greedy = check_greedy(model, session, tokenizer.encode(GREEDY_PROMPT))
@@ -186,12 +205,12 @@ def write_export(out: Path, stage: Path, model_path: Path, model: GPT, tokenizer
     extra = {k: v for k, v in meta.items() if k not in ("format", "model_type", "model")}
     write_json(stage / CONFIG_FILE, {"format": FORMAT, "model_type": "gpt", "model": model.config.to_dict(),
                                      "checkpoint": extra})
-    files = [MODEL_FILE, DATA_FILE, TOKENIZER_FILE, TOKENIZER_META, CONFIG_FILE, REPORT_FILE]
-    for name in files:
+    for name in FILES:
         os.replace(stage / name, out / name)
     src = Path(opts.checkpoint)
     manifest = {
         "format": FORMAT,
+        **({"name": meta["name"]} if meta.get("name") else {}),  # the served model name, as for checkpoints
         "dtype": "int8" if opts.quantize == "int8" else "float32",
         "model_file": MODEL_FILE,
         "opset": opts.opset,
@@ -201,7 +220,7 @@ def write_export(out: Path, stage: Path, model_path: Path, model: GPT, tokenizer
         "source": {"checkpoint": str(src.resolve()), "sha256": file_sha256(src / WEIGHTS_FILE)},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
         "verification": report,
-        "files": file_entries(out, files),
+        "files": file_entries(out, FILES),
     }
     write_json(out / MANIFEST, manifest)
     return manifest

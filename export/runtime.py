@@ -7,7 +7,6 @@ format, dtype, graph inputs/outputs, the verification report and the SHA-256 and
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from export.onnx_export import DATA_FILE, MODEL_FILE, input_names, past_names, present_names
+from export.onnx_export import input_names, present_names
 from ulm.config import GPTConfig
 from ulm.data.dataset import file_sha256
 from ulm.tokenizer import Tokenizer
@@ -25,8 +24,6 @@ MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "verify_report.json"
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-
-log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):

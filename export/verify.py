@@ -8,6 +8,7 @@ present back as the next past. Perplexity: mean next-token loss over block-size 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -52,7 +53,8 @@ def parity_case(model: GPT, session: ort.InferenceSession, rows: list[list[int]]
     return max(worst, *(float(np.abs(logits[b] - refs[b][p:]).max()) for b, p in enumerate(past_lens)))
 
 
-def check_parity(model: GPT, session: ort.InferenceSession, atol: float = ATOL, seed: int = 0) -> dict:
+def check_parity(model: GPT, session: ort.InferenceSession, atol: float = ATOL, seed: int = 0,
+                 on_case: Callable[[dict], None] | None = None) -> dict:
     cfg = model.config
     rng = np.random.default_rng(seed)
     n = max(2, min(64, cfg.block_size // 2))  # "N": a longer past, well inside the context
@@ -64,6 +66,8 @@ def check_parity(model: GPT, session: ort.InferenceSession, atol: float = ATOL, 
             rows = [rng.integers(0, cfg.vocab_size, p + new).tolist() for p in past_lens]
             diff = parity_case(model, session, rows, past_lens)
             cases.append({"batch": len(past_lens), "past_lens": past_lens, "new_tokens": new, "max_abs_diff": diff})
+            if on_case:
+                on_case(cases[-1])
     worst = max(c["max_abs_diff"] for c in cases)
     return {"cases": cases, "max_abs_diff": worst, "atol": atol, "passed": worst <= atol}
 

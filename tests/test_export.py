@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from export.__main__ import main
-from export.onnx_export import input_names, present_names
+from export.onnx_export import export_onnx, input_names, present_names
 from export.pipeline import ExportOptions, export_checkpoint
 from export.runtime import ExportError, check_files, create_session, empty_past, read_export, run
-from export.verify import ort_greedy
+from export.verify import check_greedy, check_parity, ort_greedy
 from ulm.checkpoint import load_checkpoint, save_checkpoint
 from ulm.config import GPTConfig
 from ulm.generate import generate_ids
@@ -132,6 +132,18 @@ def test_greedy_64_steps_identical(model, session, toy_checkpoint):
         assert ort_greedy(session, model.config, ids, 64) == generate_ids(model, ids, 64)
 
 
+def test_other_architectures(tmp_path):
+    """Post-norm, sinusoidal positions, ReLU, no biases, untied output layer: the other branches of the graph."""
+    torch.manual_seed(1)
+    cfg = GPTConfig(vocab_size=300, block_size=96, n_layer=2, n_head=2, n_embd=64, pos_encoding="sinusoidal",
+                    norm_first=False, activation="relu", tie_weights=False, bias=False)
+    m = GPT(cfg).eval()
+    session = create_session(export_onnx(m, tmp_path), threads=1)
+    parity = check_parity(m, session)
+    assert parity["passed"] and len(parity["cases"]) == 12, parity
+    assert check_greedy(m, session, [1, 2, 3])["identical"]
+
+
 # -- int8 ---------------------------------------------------------------------------------------------------
 
 
@@ -232,6 +244,10 @@ def test_incompatible_checkpoint_is_a_clear_error(toy_checkpoint, exported, tmp_
     assert main(["--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "c"), "--opset", "13"]) == 2
     assert "opset must be >= 17" in capsys.readouterr().err
     assert not (tmp_path / "c" / "manifest.json").exists()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    assert main(["--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "d")]) == 2
+    assert "not part of an export (notes.txt)" in capsys.readouterr().err
 
 
 def test_backend_dir_errors(toy_checkpoint, tmp_path):

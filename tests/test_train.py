@@ -243,11 +243,11 @@ def test_lm_dataset_train_and_eval(tmp_path, capsys):
 
 def test_adder_learns_and_answers(tmp_path, capsys):
     t0 = time.perf_counter()
-    best = train("adder", tmp_path / "run", progress=False,
-                 overrides=["threads=1", "max_iters=1000", "stop_accuracy=1.0", "eval_interval=100"])
+    best = train("adder", tmp_path / "run", progress=False, overrides=[
+        "threads=1", "batch_size=64", "lr=5e-3", "max_iters=600", "stop_accuracy=0.99", "stop_patience=1"])
     elapsed = time.perf_counter() - t0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["test_accuracy"] >= 0.98, summary
+    assert summary["test_accuracy"] >= 0.97, summary
     model, tok, meta = load_checkpoint(best)
     task = AdditionTask.from_extra(meta)
     # exact match agrees with one-at-a-time generation, the path a server takes

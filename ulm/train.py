@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from ulm.addition import IGNORE, AdditionTask, exact_match
@@ -169,11 +170,15 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for the forward pass (weights and optimizer stay float32)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass (weights and optimizer stay float32). On CPU, attention then takes
+    the math path: the fused CPU kernel's backward is several times slower in bfloat16 than in float32."""
+    stack = contextlib.ExitStack()
+    if dtype != torch.float32:
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 def set_threads(cfg: TrainConfig) -> int:
@@ -356,6 +361,9 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike, *, resume: bool = 
 def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | None, progress: bool) -> Path:
     device = resolve_device(cfg, d)
     dtype = resolve_dtype(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     threads = set_threads(cfg)
     T = data.block_size
     B = cfg.batch_size
@@ -415,7 +423,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not (progress and d.master), desc="train",
                dynamic_ncols=True)
     t_log, step_log, t_start = time.perf_counter(), step, time.perf_counter() - elapsed
-    stop = False
+    stop = cfg.stop_accuracy > 0 and streak >= cfg.stop_patience  # a resumed run that had already stopped
     while step < cfg.max_iters and not stop:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -457,6 +465,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
             loss_count = 0
             t_log, step_log = now, step
 
+        t_pause = time.perf_counter()  # evaluation and checkpoints do not count against throughput
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if d.master:
                 result = validate(model, data, cfg, device, dtype)
@@ -495,6 +504,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
                          "elapsed_s": time.perf_counter() - t_start, "loss_sum": [e["loss"] for e in everyone],
                          "loss_count": loss_count, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
                 save_last(out, model, data.tokenizer, {**extra, "iter": step}, optimizer, tensors, state)
+        t_log += time.perf_counter() - t_pause
     bar.close()
 
     if not d.master:

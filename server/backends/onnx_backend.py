@@ -1,12 +1,15 @@
 """The ONNX Runtime backend: an export directory from `python -m export`, on the CUDA or the CPU provider.
 
-The graph takes the past keys/values as inputs and returns them extended by the new tokens (present), so
-the cache lives outside it. Between steps it stays where ORT left it: the presents of the last decode step
-are bound (IO binding, OrtValues on the session's device) as the next step's past, with an attention mask
-saying which positions of each row are real. As long as the same slots run step after step (the steady
-state of continuous batching) nothing is copied besides what the graph's own concat does. When the set of
-slots changes (a request joins or leaves) the batch is rebuilt once on the host: each slot's real positions
-are compacted and the rows right-padded to the longest, with mask 0 on the padding.
+The graph takes the past keys/values as inputs and returns them extended by the new tokens (present), so the
+cache lives outside it. Between decode steps it stays where the graph wrote it: each step's presents are
+bound (IO binding) as the next step's past, with an attention mask saying which positions of each row are
+real. On CUDA the presents are OrtValues on the device. On the CPU they are written into one of two
+preallocated flat host buffers per tensor (the past is read from one while the present goes to the other),
+so the steady state allocates nothing and copies nothing beyond the graph's own concat.
+
+When the set of running slots changes (a request joins or leaves) the batch is rebuilt once: each slot's
+real positions are copied into the new layout, rows right-padded (with zeros, mask 0) to the longest.
+Prefilled prompts wait on the host ("parked") until the next decode step takes them into the batch.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import past_names, present_names
-from export.runtime import CUDA, MODEL_FILE, create_session, read_export
+from export.onnx_export import MODEL_FILE, past_names, present_names
+from export.runtime import CUDA, create_session, read_export
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,13 @@ class OnnxBackend:
                              "for CUDA")
         # intra-op threads: the server's --threads (it sets torch's count), so one flag sizes either backend
         self.session = create_session(d / MODEL_FILE, device, threads or torch.get_num_threads())
-        in_use = self.session.get_providers()
-        self.device = "cuda" if in_use[0] == CUDA else "cpu"
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         if device == "cuda" and self.device != "cuda":
             log.warning("CUDA execution provider unavailable (available: %s); falling back to %s",
-                        ", ".join(ort.get_available_providers()), in_use[0])
-        log.info("onnx backend: %s (%s) on %s, providers in use: %s", d, self.dtype, self.device, ", ".join(in_use))
-        self.providers = in_use
+                        ", ".join(ort.get_available_providers()), self.providers[0])
+        log.info("onnx backend: %s (%s) on %s, providers in use: %s", d, self.dtype, self.device,
+                 ", ".join(self.providers))
         self.model_name = manifest.get("name") or d.resolve().name
         self.max_batch = max_batch
         self.num_params = int(manifest.get("num_params", 0))
@@ -55,11 +58,16 @@ class OnnxBackend:
         self.past_names, self.present_names = past_names(cfg.n_layer), present_names(cfg.n_layer)
         self.binding = self.session.io_binding()
         self.length: dict[int, int] = {}  # slot -> positions in its cache
-        self.parked: dict[int, list[np.ndarray]] = {}  # slot -> 2*n_layer (nh, L, hs): not in the batch
-        # the running batch: its slots (None once released), past (OrtValues (n, nh, P, hs)), mask (n, P)
+        self.parked: dict[int, list[np.ndarray]] = {}  # slot -> 2*n_layer (nh, L, hs), not in the batch
+        # the running batch: its slots (None once released), past (n, nh, P, hs) per tensor, mask (n, P)
         self.batch: list[int | None] = []
-        self.past: list[ort.OrtValue] = []
+        self.past: list = []
         self.mask = np.zeros((0, 0), np.int64)
+        # CPU: two flat buffers per past tensor, sized for max_batch x context (virtual until touched)
+        capacity = max_batch * cfg.n_head * cfg.block_size * cfg.head_dim
+        self.buffers = ([[np.empty(capacity, np.float32) for _ in self.past_names] for _ in range(2)]
+                        if self.device == "cpu" else None)
+        self.spare = 0  # the buffer set the next present goes to
 
     # -- Backend ------------------------------------------------------------------------------------------
 
@@ -76,18 +84,19 @@ class OnnxBackend:
         mask = np.zeros((n, T), np.int64)
         for b, p in enumerate(prompts):
             ids[b, :len(p)], mask[b, :len(p)] = p, 1
-        pos = np.ascontiguousarray(np.broadcast_to(np.arange(T), (n, T)))
+        pos = np.broadcast_to(np.arange(T), (n, T))
         empty = np.zeros((n, self.config.n_head, 0, self.config.head_dim), np.float32)
         logits, present = self._run(ids, pos, mask, np.array(lengths)[:, None] - 1, [empty] * len(self.past_names),
-                                    present_on="cpu")
-        kv = [ov.numpy() for ov in present]  # (n, nh, T, hs) each
+                                    to_host=True)
         for b, (s, L) in enumerate(zip(slots, lengths)):
-            self.parked[s] = [a[b, :, :L] for a in kv]
+            self.parked[s] = [a[b, :, :L] for a in present]
             self.length[s] = L
-        return torch.from_numpy(logits[:, -1].copy())  # (n, V)
+        return torch.from_numpy(logits[:, -1])  # (n, V)
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token per slot, each at its slot's next position."""
+        if len(slots) > self.max_batch:
+            raise ValueError(f"{len(slots)} slots exceed max_batch ({self.max_batch})")
         for s, p in zip(slots, positions):
             if s not in self.length:
                 raise ValueError(f"slot {s} holds no sequence")
@@ -95,18 +104,18 @@ class OnnxBackend:
                 raise ValueError(f"slot {s} has {self.length[s]} positions cached; cannot decode at position {p}")
             if p >= self.config.block_size:
                 raise ValueError(f"position {p} is beyond the context length {self.config.block_size}")
-        if sorted(slots) != sorted(s for s in self.batch if s is not None) or None in self.batch:
+        if None in self.batch or sorted(slots) != sorted(self.batch):
             self._rebuild(slots)
-        order = [self.batch.index(s) for s in slots]  # batch row of each requested slot
-        ids = np.zeros((len(self.batch), 1), np.int64)
-        pos = np.zeros((len(self.batch), 1), np.int64)
-        ids[order, 0], pos[order, 0] = tokens, positions
-        mask = np.concatenate([self.mask, np.ones((len(self.batch), 1), np.int64)], axis=1)
-        logits, self.past = self._run(ids, pos, mask, np.zeros((len(self.batch), 1), np.int64), self.past)
+        n = len(self.batch)
+        rows = [self.batch.index(s) for s in slots]  # the batch keeps its order; the caller's may differ
+        ids, pos = np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64)
+        ids[rows, 0], pos[rows, 0] = tokens, positions
+        mask = np.concatenate([self.mask, np.ones((n, 1), np.int64)], axis=1)
+        logits, self.past = self._run(ids, pos, mask, np.zeros((n, 1), np.int64), self.past)
         self.mask = mask
         for s in slots:
             self.length[s] += 1
-        return torch.from_numpy(logits[order, -1])  # (n, V)
+        return torch.from_numpy(logits[rows, -1])  # (n, V)
 
     def release(self, slot: int) -> None:
         del self.length[slot]
@@ -123,9 +132,16 @@ class OnnxBackend:
 
     # -- internals ----------------------------------------------------------------------------------------
 
+    def _next_buffers(self, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Views of the spare host buffer set, shaped (n, nh, P, hs): contiguous, as ORT needs them."""
+        views = [b[:int(np.prod(shape))].reshape(shape) for b in self.buffers[self.spare]]
+        self.spare ^= 1
+        return views
+
     def _run(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, logits_index: np.ndarray, past: list,
-             present_on: str | None = None) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One graph call through IO binding: logits come back to the host, presents stay on `present_on`."""
+             to_host: bool = False) -> tuple[np.ndarray, list]:
+        """One graph call through IO binding. Logits come back to the host as numpy; presents go to the next
+        host buffer set (CPU), to new host arrays (to_host), or stay on the device as OrtValues (CUDA)."""
         io = self.binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
@@ -138,29 +154,50 @@ class OnnxBackend:
             else:
                 io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
-        for name in self.present_names:  # fresh outputs every step: their shapes grow by one position
-            io.bind_output(name, present_on or self.device)
+        n, P = mask.shape
+        shape = (n, self.config.n_head, P, self.config.head_dim)
+        if to_host or self.buffers is None:
+            present = None
+            for name in self.present_names:  # fresh outputs every step: their shapes grow by one position
+                io.bind_output(name, "cpu" if to_host else self.device)
+        else:
+            present = self._next_buffers(shape)
+            for name, a in zip(self.present_names, present):
+                io.bind_output(name, "cpu", 0, np.float32, list(shape), a.ctypes.data)
         self.session.run_with_iobinding(io)
-        logits, *present = io.get_outputs()
+        logits, *outputs = io.get_outputs()
+        if present is None:
+            present = [o.numpy() for o in outputs] if to_host else outputs
         return logits.numpy(), present
 
     def _rebuild(self, slots: list[int]) -> None:
-        """Make `slots` (in this order) the running batch: compact every row, right-pad to the longest."""
-        if self.batch:
-            kv = [v.numpy() for v in self.past]  # (n, nh, P, hs) each, on the host
-            for row, s in enumerate(self.batch):
-                if s is not None:  # still running: park its real positions
-                    real = np.flatnonzero(self.mask[row])
-                    self.parked[s] = [a[row][:, real] for a in kv]
+        """Make `slots` (in this order) the running batch: every row compacted, right-padded to the longest."""
+        keep = set(slots)
+        kv = [v if isinstance(v, np.ndarray) else v.numpy() for v in self.past]  # (n, nh, P, hs) on the host
+        for row, s in enumerate(self.batch):
+            if s is None:
+                continue
+            real = np.flatnonzero(self.mask[row])
+            L = len(real)
+            if real[-1] == L - 1:  # a prefix: a view, no copy yet
+                cache = [a[row, :, :L] for a in kv]
+            else:  # holes where the row was padded before it grew
+                cache = [a[row][:, real] for a in kv]
+            # a row that waits outside the batch must not point into a buffer the next steps overwrite
+            self.parked[s] = cache if s in keep else [np.array(c) for c in cache]
         n, P = len(slots), max(self.length[s] for s in slots)
         cfg = self.config
-        past = [np.zeros((n, cfg.n_head, P, cfg.head_dim), np.float32) for _ in self.past_names]
+        shape = (n, cfg.n_head, P, cfg.head_dim)
+        past = (self._next_buffers(shape) if self.buffers is not None
+                else [np.empty(shape, np.float32) for _ in self.past_names])
         self.mask = np.zeros((n, P), np.int64)
         for row, s in enumerate(slots):
             cache = self.parked.pop(s)
             L = cache[0].shape[1]
             for dst, src in zip(past, cache):
                 dst[row, :, :L] = src
+                dst[row, :, L:] = 0  # padding is masked, but must be finite: 0 * NaN would leak through
             self.mask[row, :L] = 1
-        self.past = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in past]
+        self.past = past if self.buffers is not None else [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+                                                           for a in past]
         self.batch = list(slots)

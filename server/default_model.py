@@ -1,0 +1,38 @@
+"""The model `python -m server` serves when given no --checkpoint: µLM's 2-digit adder.
+
+It needs no data and no network: the training data is made on the fly. The first start trains it (about a
+minute or two on 2 cores, with a progress bar) into the cache; later starts load it from there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ulm.checkpoint import CONFIG_FILE
+from ulm.train import train
+
+log = logging.getLogger(__name__)
+PRESET = "adder"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ULM_CACHE_DIR", Path.home() / ".cache" / "ulm"))
+
+
+def ensure_default_checkpoint() -> Path:
+    """Return the cached default checkpoint, training it first if it is not there yet."""
+    target = cache_root() / "models" / f"default-{PRESET}"
+    if (target / CONFIG_FILE).is_file():
+        return target
+    log.info("no default model in %s yet: training the %r preset once (this takes a minute or two)", target, PRESET)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".train-") as run_dir:
+        best = train(PRESET, run_dir)
+        staged = Path(run_dir) / "default"
+        shutil.copytree(best, staged)
+        os.replace(staged, target)  # a half-trained model never appears at `target`
+    log.info("default model ready in %s", target)
+    return target
