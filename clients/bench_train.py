@@ -5,7 +5,8 @@
 
 Task "lm" presets need a dataset; without --dataset a character-level one is built (in a temporary folder)
 from ../shared/data/tinyshakespeare.txt. --naive times a plain loop for comparison (default threads,
-AdamW's default implementation, `loss.item()` every step): the "before" of the trainer's optimisations.
+AdamW's default implementation, `loss.item()` every step, float32): the "before" of the trainer's
+optimisations (pass --set activation=gelu_tanh for the GPT default activation).
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def main() -> None:
         data = load_data(cfg)
         tokens = cfg.batch_size * cfg.grad_accum * data.block_size  # one process
         if args.naive:
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
             ms = naive_ms(cfg, data, args.iters, args.warmup)
             label = f"naive loop, {torch.get_num_threads()} thread(s)"
         else:

@@ -88,8 +88,9 @@ def test_loss_mask_covers_the_answer_and_eos_only():
 
 
 def test_bad_task_fields():
-    for kwargs, field in [({"digits": 0}, "digits"), ({"digits": 10}, "digits"), ({"val_fraction": 0.0}, "val_fraction"),
-                          ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction")]:
+    cases = [({"digits": 0}, "digits"), ({"digits": 10}, "digits"), ({"val_fraction": 0.0}, "val_fraction"),
+             ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction")]
+    for kwargs, field in cases:
         with pytest.raises(ValueError, match=field):
             AdditionTask(**kwargs)
     with pytest.raises(ValueError, match="split"):

@@ -117,7 +117,7 @@ def filter_fields(cls, d: dict) -> dict:
 BYTE_VOCAB = 259  # 256 bytes + BOS/EOS/PAD
 GPT_PRESETS: dict[str, dict] = {
     # n-digit addition (ulm.addition): the char tokenizer of "0123456789+=" (271); context for up to 9 digits
-    "adder": dict(vocab_size=271, block_size=32, n_layer=2, n_head=4, n_embd=64),  # ~0.12M
+    "adder": dict(vocab_size=271, block_size=32, n_layer=2, n_head=4, n_embd=64, activation="gelu"),  # ~0.12M
     "toy": dict(vocab_size=BYTE_VOCAB, block_size=128, n_layer=2, n_head=2, n_embd=64),  # ~0.12M
     "tiny": dict(vocab_size=BYTE_VOCAB, block_size=256, n_layer=4, n_head=4, n_embd=128),  # ~0.8M
     "shakespeare-char": dict(

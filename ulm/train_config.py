@@ -56,7 +56,7 @@ class TrainConfig:
     # system
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA where supported, else float32
+    dtype: str = "auto"  # auto: bfloat16 autocast where the hardware has it natively (CUDA, AVX512-BF16), else float32
     compile: bool = False  # torch.compile the model for training
     threads: int = 0  # intra-op threads per process (0 = usable cores / local processes)
 
