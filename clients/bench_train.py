@@ -1,6 +1,6 @@
 """Training throughput: median ms/iteration and tokens/s of the real trainer (`ulm.train.train`).
 
-  python clients/bench_train.py [--preset shakespeare-char] [--dataset DIR] [--iters 100] [--warmup 10]
+  python -m clients.bench_train [--preset shakespeare-char] [--dataset DIR] [--iters 100] [--warmup 10]
                                 [--set KEY=VALUE ...] [--naive]
 
 Task "lm" presets need a dataset; without --dataset a character-level one is built (in a temporary folder)

@@ -11,9 +11,7 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
-import time
 
 import grpc
 
@@ -57,34 +55,21 @@ def run_tokenize(args: argparse.Namespace) -> None:
     print(json.dumps({"token_ids": list(r.token_ids), "tokens": list(r.tokens)}, ensure_ascii=False))
 
 
-async def _stream(stub, request: pb.GenerateRequest) -> tuple[float, list[float]]:
-    """Returns (wall seconds, arrival time of each message)."""
-    t0 = time.perf_counter()
-    arrivals = [time.perf_counter() - t0 async for _ in stub.Generate(request)]
-    return time.perf_counter() - t0, arrivals
-
-
 async def bench(target: str, streams: int, max_new_tokens: int, prompt: str = "Once upon a time",
                 repeats: int = 3) -> dict:
-    """N concurrent greedy streams against one alone: if requests are batched, the ratio
-    wall(N) / (N * wall(1)) is far below 1."""
+    """N concurrent greedy streams against one alone (clients.bench_serving's levels): if requests are batched,
+    the ratio wall(N) / (N * wall(1)) is far below 1."""
+    from clients.bench_serving import run_level
+
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TextGenerationStub(channel)
-        req = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)
-        await _stream(stub, req)  # warm the connection
-        single = [await _stream(stub, req) for _ in range(repeats)]
-        t0 = time.perf_counter()
-        many = await asyncio.gather(*(_stream(stub, req) for _ in range(streams)))
-        wall_many = time.perf_counter() - t0
-    wall_one = statistics.median(w for w, _ in single)
-
-    def gaps(runs):
-        return [b - a for _, arr in runs for a, b in zip(arr, arr[1:])]
-
-    return dict(streams=streams, tokens=max_new_tokens, wall_one_s=wall_one, wall_many_s=wall_many,
-                ratio=wall_many / (streams * wall_one), ttft_one_ms=1e3 * statistics.median(a[0] for _, a in single),
-                itl_one_ms=1e3 * statistics.median(gaps(single)), itl_many_ms=1e3 * statistics.median(gaps(many)),
-                tokens_per_s=streams * max_new_tokens / wall_many)
+        await run_level(stub, 1, max_new_tokens, prompt, 1)  # warm the connection
+        one = await run_level(stub, 1, max_new_tokens, prompt, repeats)
+        many = await run_level(stub, streams, max_new_tokens, prompt, streams)
+    return dict(streams=streams, tokens=max_new_tokens, wall_one_s=one["wall_s"], wall_many_s=many["wall_s"],
+                ratio=many["wall_s"] / (streams * one["wall_s"]), ttft_one_ms=one["ttft_ms"]["p50"],
+                itl_one_ms=one["itl_ms"]["p50"], itl_many_ms=many["itl_ms"]["p50"],
+                tokens_per_s=many["aggregate_tokens_per_s"], errors=many["errors"])
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -94,6 +79,9 @@ def run_bench(args: argparse.Namespace) -> None:
     print(f"{r['streams']} streams: {r['wall_many_s'] * 1e3:.1f} ms in all ({r['itl_many_ms']:.2f} ms/token per "
           f"stream, {r['tokens_per_s']:.0f} tokens/s)")
     print(f"batching ratio wall({r['streams']}) / ({r['streams']} x wall(1)) = {r['ratio']:.3f}")
+    if r["errors"]:
+        print(f"errors: {r['errors']}")
+    print("(the full concurrency sweep, with plots: python -m clients.bench_serving --target ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:

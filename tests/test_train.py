@@ -90,7 +90,7 @@ def test_presets_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "shakespeare-char", "--dataset", "{tmp}/missing"], "missing"),
+    (["--preset", "shakespeare-char", "--dataset", "{tmp}/missing"], "missing: no such directory"),
     (["--preset", "shakespeare-char"], "dataset"),
     (["--config", "{tmp}/bad.toml"], "unknown key 'bogus'"),
     (["--config", "{tmp}/broken.toml"], "broken.toml"),

@@ -6,6 +6,7 @@ Errors in input (missing files, bad checkpoints, bad values) print one line and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -165,7 +166,8 @@ def run_train(args) -> None:
     cfg = build_config(args.preset, args.config, args.set, {k: v for k, v in flags.items() if v is not None},
                        base=None if (args.preset or args.config) else base)
     best = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"best checkpoint: {best}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+        print(f"best checkpoint: {best}")
 
 
 def add_eval(sub) -> None:
@@ -173,7 +175,7 @@ def add_eval(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", help="dataset directory (default: the one the checkpoint was trained on)")
     p.add_argument("--split", help="default: test for addition, val for datasets")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (datasets)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_eval)

@@ -331,6 +331,24 @@ class Transformer(nn.Module):
         return out[:, 1:]
 
 
+class InferenceLinear(nn.Linear):
+    """An nn.Linear for CPU inference, sharing the parameters of the one it replaces (see prepare_for_inference):
+    column-major weight for one row, a oneDNN-packed copy for several."""
+
+    def __init__(self, linear: nn.Linear, pack: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: tied weights stay tied
+        if self.weight.is_contiguous():  # a tied weight is laid out once, by the first module that holds it
+            self.weight.data = self.weight.data.t().contiguous().t()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16) if pack else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.numel() > x.shape[-1] and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class KVCache:
     """Preallocated keys and values: (n_layer, max_batch, nh, max_len, hs) each, written in place.
 
@@ -428,6 +446,27 @@ class GPT(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         return self.lm_head(self.ln_f(x))
+
+    @torch.no_grad()
+    def prepare_for_inference(self, pack: bool = True) -> "GPT":
+        """Lay the Linear weights out for decoding on the CPU. Returns self, in eval mode; outputs are unchanged.
+
+        Each (out, in) weight becomes a column-major view of a contiguous (in, out) matrix: values, shapes and
+        parameters stay (tied weights stay tied), and F.linear hands BLAS a row-major (in, out) operand, which
+        the matrix-vector products of one-token decoding read up to 2x faster (the output layer most of all).
+        With `pack`, each Linear also keeps a oneDNN-packed copy of its weight for inputs of several rows
+        (batched decoding, prefill), where it runs about 2x faster than MKL: speed for a second copy of the
+        weights in memory. Leave training models as they are; save from an unprepared model (safetensors
+        wants contiguous tensors).
+        """
+        if next(self.parameters()).device.type != "cpu":
+            return self.eval()
+        pack = pack and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
+        for parent in list(self.modules()):
+            for name, m in parent.named_children():
+                if type(m) is nn.Linear and m.weight.dtype == torch.float32:
+                    setattr(parent, name, InferenceLinear(m, pack))
+        return self.eval()
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # shared (tied) parameters count once

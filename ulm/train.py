@@ -276,10 +276,10 @@ def validate(model: GPT, data, cfg: TrainConfig, device: torch.device, dtype: to
 
 def better(new: dict, best: dict | None) -> bool:
     """Higher exact match wins (addition), then lower loss."""
-    if best is None:
-        return True
-    key = lambda m: (-m.get("val_accuracy", 0.0), m["val_loss"])  # noqa: E731
-    return key(new) < key(best)
+    def key(m: dict) -> tuple[float, float]:
+        return -m.get("val_accuracy", 0.0), m["val_loss"]
+
+    return best is None or key(new) < key(best)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,11 +303,11 @@ def save_last(out: Path, model: GPT, tokenizer: Tokenizer, extra: dict, optimize
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Swap a finished directory in: dst -> dst.old, src -> dst, drop dst.old (find_last recovers a crash
-    between the two renames)."""
+    """Swap a finished directory in: dst -> dst.old, src -> dst, drop dst.old. A complete copy exists at
+    every moment (find_last falls back to dst.old after a crash between the renames)."""
     old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
@@ -320,11 +320,24 @@ def find_last(out: Path) -> Path | None:
     return None
 
 
+def read_state(directory: Path) -> dict:
+    path = directory / STATE_JSON
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a µLM trainer state")
+    return state
+
+
 def load_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    state = json.loads((directory / STATE_JSON).read_text())
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{directory / STATE_JSON}: not a µLM trainer state (format {state.get('format')!r})")
-    return state, load_file(str(directory / STATE_TENSORS))
+    state = read_state(directory)
+    try:
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except Exception as e:  # safetensors raises its own error type for truncated files
+        raise ValueError(f"{directory / STATE_TENSORS} is unreadable: {e}") from e
+    return state, tensors
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -340,7 +353,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, tensors: di
 def saved_config(out: str | os.PathLike) -> dict | None:
     """The configuration of a resumable run in `out`, or None."""
     last = find_last(Path(out))
-    return None if last is None else json.loads((last / STATE_JSON).read_text())["config"]
+    return None if last is None else read_state(last)["config"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,6 +433,8 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
     metrics = out / METRICS
     if d.master:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         atomic_write_text(out / CONFIG_JSON, json.dumps(cfg.to_dict(), indent=2))
         truncate_metrics(metrics, step)
         print(f"training {model.num_params() / 1e6:.2f}M parameters on {device} ({str(dtype).removeprefix('torch.')}, "

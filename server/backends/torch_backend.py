@@ -22,6 +22,8 @@ class TorchBackend:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer, meta = load_checkpoint(checkpoint_dir, device=device)
+        # CPU weight layouts for decoding; the packed copies serve batches (more than one row per matmul)
+        self.model.prepare_for_inference(pack=max_batch > 1)
         self.config = self.model.config
         self.device = device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")

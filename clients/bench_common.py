@@ -1,0 +1,167 @@
+"""Shared by the benchmark scripts: random-init checkpoints and cached ONNX exports of them, the machine's memory
+read bandwidth, in-process decode timing through the server's backend interface, and result files.
+
+Backend labels: "torch" (the checkpoint), "onnx-fp32" and "onnx-int8" (`python -m export` of it, cached under
+build/bench/exports and reused while the checkpoint's weights are unchanged).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "build" / "bench"
+BACKENDS = {"torch": ("torch", None), "onnx-fp32": ("onnx", None), "onnx-int8": ("onnx", "int8")}
+
+
+def parse_list(text: str, kind=str, choices=None, name: str = "list") -> list:
+    """"a,b,c" -> [a, b, c]; ValueError naming the option on a bad item."""
+    items = [kind(x) for x in text.split(",") if x.strip()]
+    bad = [x for x in items if choices is not None and x not in choices]
+    if not items or bad:
+        allowed = ", ".join(map(str, choices or [kind.__name__]))
+        raise ValueError(f"--{name}: expected a comma-separated list of {allowed}; got {text!r}")
+    return items
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads (the ONNX backend sizes its session from the same number)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+# -- memory bandwidth --------------------------------------------------------------------------------------
+
+_BUFFER: dict[int, torch.Tensor] = {}
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 7) -> float:
+    """Read bandwidth in GB/s: the median time of summing a buffer far larger than any cache, with torch's
+    current thread count (the roofline of a decode step, which reads every weight once)."""
+    if mib not in _BUFFER:
+        _BUFFER[mib] = torch.ones(mib * 2**20 // 4)
+    x = _BUFFER[mib]
+    x.sum()  # fault the pages in, warm the threads
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+# -- checkpoints and exports -------------------------------------------------------------------------------
+
+def ensure_checkpoint(preset: str, cache: Path = BENCH_DIR) -> Path:
+    """A random-init checkpoint of `preset` (`ulm init`, seed 0), written once under cache/checkpoints."""
+    d = Path(cache) / "checkpoints" / preset
+    if not (d / "model.safetensors").is_file():
+        from ulm.cli import main as ulm_main
+
+        if ulm_main(["init", "--preset", preset, "--out", str(d)]) not in (0, None):
+            raise ValueError(f"could not write a {preset} checkpoint to {d}")
+    return d
+
+
+def ensure_export(checkpoint: Path, quantize: str | None, cache: Path = BENCH_DIR) -> Path:
+    """`python -m export` of the checkpoint (fp32 or int8) under cache/exports, reused while the checkpoint's
+    weights are unchanged."""
+    from export.pipeline import ExportOptions, export_checkpoint
+    from ulm.checkpoint import WEIGHTS_FILE
+    from ulm.data.dataset import file_sha256
+
+    checkpoint = Path(checkpoint)
+    sha = file_sha256(checkpoint / WEIGHTS_FILE)
+    out = Path(cache) / "exports" / f"{checkpoint.resolve().name}-{sha[:12]}-{quantize or 'fp32'}"
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text())["source"]["sha256"] == sha:
+        return out
+    print(f"exporting {checkpoint} ({quantize or 'fp32'}) to {out} (once; reused later)", flush=True)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # the exporter's own progress lines
+            export_checkpoint(ExportOptions(checkpoint=str(checkpoint), out=str(out), quantize=quantize,
+                                            log=lambda line: log.write(line + "\n")))
+    except Exception:
+        print(log.getvalue())
+        raise
+    return out
+
+
+def backend_dir(label: str, checkpoint: Path, cache: Path = BENCH_DIR) -> tuple[str, Path]:
+    """(server backend name, the directory it loads) for a backend label."""
+    kind, quantize = BACKENDS[label]
+    return kind, (Path(checkpoint) if kind == "torch" else ensure_export(Path(checkpoint), quantize, cache))
+
+
+def weight_bytes(label: str, directory: Path, cfg) -> int:
+    """Bytes of weights one decode step reads: every parameter but the embedding tables (a step gathers one row
+    of each; a tied output layer reads the token table whole). int8 exports: their quantized MatMul weights
+    (with scales) in place of the fp32 Linear weights."""
+    from ulm.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    tables = {id(p) for p in model.embed.parameters()}
+    read = {id(p): p for p in model.parameters() if id(p) not in tables}
+    read[id(model.lm_head.weight)] = model.lm_head.weight
+    n = sum(p.numel() * p.element_size() for p in read.values())
+    if BACKENDS[label][1] == "int8":
+        from export.onnx_export import MODEL_FILE
+        from export.quantize import matmul_weight_bytes
+
+        linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        n += matmul_weight_bytes(Path(directory) / MODEL_FILE) - sum(w.numel() * 4 for w in linear.values())
+    return n
+
+
+# -- in-process decoding -----------------------------------------------------------------------------------
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab, (n, length)).tolist()
+
+
+def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int = 0) -> list[float]:
+    """Prefill `batch` prompts, then `steps` greedy decode steps over all of them through the backend interface
+    the server drives. Returns each step's seconds (argmax included, as the scheduler samples every step)."""
+    if prompt_len + steps + 1 > backend.config.block_size:
+        raise ValueError(f"prompt ({prompt_len}) + steps ({steps}) exceed the context ({backend.config.block_size})")
+    slots = list(range(batch))
+    prompts = random_prompts(batch, prompt_len, backend.tokenizer.vocab_size, seed)
+    times = []
+    try:
+        logits = backend.prefill(slots, prompts)
+        for i in range(steps):
+            t = time.perf_counter()
+            logits = backend.decode(slots, logits.argmax(-1).tolist(), [prompt_len + i] * batch)
+            times.append(time.perf_counter() - t)
+    finally:
+        for s in slots:
+            with contextlib.suppress(KeyError):
+                backend.release(s)
+    return times
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+    return path

@@ -1,0 +1,218 @@
+"""In-process decoding speed per backend, next to its roofline (the weight bytes one step reads divided by this
+machine's memory read bandwidth, measured here with the same threads), and against transformers' generate().
+
+  python -m clients.bench_decode [--presets toy,gpt2-small] [--checkpoint DIR]
+                                 [--backends torch,onnx-fp32,onnx-int8,transformers] [--steps 32] [--batch 16]
+                                 [--prompt-len 16] [--repeats 3] [--threads N] [--out build/bench/decode.json]
+                                 [--cache build/bench]
+
+Random-init checkpoints of the presets are written under build/bench/checkpoints (or pass --checkpoint); ONNX
+exports of them are made once and cached. Each backend decodes through the interface the server drives
+(prefill, then one batched decode step per token, greedy): ms per token at batch 1 and aggregate tokens/s at
+--batch. transformers (when installed) runs GPT2LMHeadModel.generate() on the same weights, converted from
+the checkpoint and checked against it. Repeats are interleaved with bandwidth samples; figures are medians.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from clients.bench_common import (BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, memory_bandwidth,
+                                  parse_list, random_prompts, set_threads, time_decode, weight_bytes, write_json)
+from ulm.config import GPT_PRESETS
+
+HF = "transformers"
+TARGETS = {"torch": 0.70, "onnx-fp32": 0.85}  # decode at batch 1, fraction of the roofline
+INT8_SPEEDUP, HF_SPEEDUP = 2.5, 2.0
+
+
+# -- transformers' GPT-2 on the same weights ---------------------------------------------------------------
+
+def hf_gpt2(model):
+    """A transformers GPT2LMHeadModel holding `model`'s weights (the reverse of ulm.gpt2.convert_state)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ulm.gpt2 import ACTIVATIONS, CONV1D, RENAMES
+
+    cfg = model.config
+    if not cfg.norm_first or cfg.pos_encoding != "learned" or not cfg.bias:
+        raise ValueError("transformers' GPT-2 needs a pre-norm model with learned positions and biases")
+    act = {v: k for k, v in ACTIVATIONS.items() if k != "gelu_pytorch_tanh"}[cfg.activation]
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
+                                    activation_function=act, layer_norm_epsilon=cfg.layer_norm_eps,
+                                    tie_word_embeddings=cfg.tie_weights, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+    ours = {v: k for k, v in RENAMES.items()}
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            stem, kind = rest.rsplit(".", 1)
+            hf_rest = f"{ours[stem]}.{kind}"
+            state[f"transformer.h.{i}.{hf_rest}"] = t.t() if hf_rest in CONV1D else t
+        elif name == "lm_head.weight":
+            state[name] = t
+        else:
+            hf_name = {"embed.tok.weight": "wte.weight", "embed.pos.weight": "wpe.weight"}.get(name, name)
+            state[f"transformer.{hf_name}"] = t
+    hf.load_state_dict(state, strict=False)  # strict=False: the tied lm_head, the attention mask buffers
+    hf.eval()
+    idx = torch.tensor(random_prompts(1, min(8, cfg.block_size), cfg.vocab_size))
+    with torch.inference_mode():
+        diff = float((hf(idx).logits - model(idx)).abs().max())
+    if diff > 1e-3:
+        raise RuntimeError(f"transformers' GPT-2 does not reproduce the checkpoint (max |dlogits| {diff:.2e})")
+    return hf
+
+
+def time_hf(hf, batch: int, steps: int, prompt_len: int) -> float:
+    """Seconds per decode step of generate() (greedy): a run of steps + 1 new tokens minus a run of 1 (its
+    prefill and first token)."""
+    ids = torch.tensor(random_prompts(batch, prompt_len, hf.config.vocab_size))
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    return (run(steps + 1) - run(1)) / steps
+
+
+# -- one backend -------------------------------------------------------------------------------------------
+
+def bench_backend(label: str, checkpoint: Path, args) -> dict:
+    from server.backends import load_backend
+    from ulm.checkpoint import load_checkpoint
+
+    bw, b1, bn = [], [], []
+    if label == HF:
+        model = load_checkpoint(checkpoint)[0]
+        runner, cfg, directory = hf_gpt2(model), model.config, checkpoint
+        del model
+
+        def step(batch: int) -> float:
+            return time_hf(runner, batch, args.steps, args.prompt_len)
+    else:
+        kind, directory = backend_dir(label, checkpoint, Path(args.cache))
+        runner = load_backend(kind, directory, "cpu", max_batch=args.batch)
+        runner.warmup()
+        cfg = runner.config
+
+        def step(batch: int) -> float:
+            return statistics.fmean(time_decode(runner, batch, args.steps, args.prompt_len))
+    for _ in range(args.repeats):  # interleaved, so that all three see the same load
+        bw.append(memory_bandwidth())
+        b1.append(step(1))
+        bn.append(step(args.batch))
+    del runner
+    gc.collect()
+    nbytes = weight_bytes("torch" if label == HF else label, directory, cfg)
+    bandwidth = statistics.median(bw)
+    ms = 1e3 * statistics.median(b1)
+    roofline_ms = nbytes / bandwidth / 1e6
+    return {"backend": label, "weight_bytes": nbytes, "bandwidth_gbps": bandwidth, "roofline_ms": roofline_ms,
+            "ms_per_token": ms, "fraction_of_roofline": roofline_ms / ms, "batch": args.batch,
+            "tokens_per_s_batch": args.batch / statistics.median(bn),
+            "roofline_tokens_per_s_batch": args.batch * 1e3 / roofline_ms,
+            "samples": {"bandwidth_gbps": bw, "s_per_step_b1": b1, f"s_per_step_b{args.batch}": bn}}
+
+
+def targets(rows: dict[str, dict], batch: int) -> list[dict]:
+    out = []
+
+    def add(name: str, value: float, target: float) -> None:
+        out.append({"name": name, "value": value, "target": target, "met": value >= target})
+
+    for label, frac in TARGETS.items():
+        if label in rows:
+            add(f"{label} decode batch 1, fraction of roofline", rows[label]["fraction_of_roofline"], frac)
+    if "onnx-int8" in rows and "onnx-fp32" in rows:
+        add("onnx-int8 speed-up over onnx-fp32, batch 1",
+            rows["onnx-fp32"]["ms_per_token"] / rows["onnx-int8"]["ms_per_token"], INT8_SPEEDUP)
+    if HF in rows:
+        for label in ("torch", "onnx-fp32"):
+            if label in rows:
+                add(f"{label} vs transformers generate(), per token at batch 1",
+                    rows[HF]["ms_per_token"] / rows[label]["ms_per_token"], HF_SPEEDUP)
+                add(f"{label} vs transformers generate(), aggregate tokens/s at batch {batch}",
+                    rows[label]["tokens_per_s_batch"] / rows[HF]["tokens_per_s_batch"], HF_SPEEDUP)
+    return out
+
+
+def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int) -> None:
+    r0 = next(iter(rows.values()))
+    print(f"\n{preset}: {torch.get_num_threads()} thread(s), memory read bandwidth {r0['bandwidth_gbps']:.1f} GB/s")
+    print(f"{'backend':<13}{'weights MB':>11}{'roofline ms':>12}{'ms/token':>10}{'% roofline':>11}"
+          f"{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")
+    for r in rows.values():
+        print(f"{r['backend']:<13}{r['weight_bytes'] / 1e6:>11.1f}{r['roofline_ms']:>12.2f}{r['ms_per_token']:>10.2f}"
+              f"{100 * r['fraction_of_roofline']:>10.0f}%{r['tokens_per_s_batch']:>12.0f}"
+              f"{r['roofline_tokens_per_s_batch']:>14.0f}")
+    for g in goals:
+        unit = "%" if "roofline" in g["name"] else "x"
+        scale = 100 if unit == "%" else 1
+        print(f"  {g['name']}: {scale * g['value']:.{0 if unit == '%' else 2}f}{unit} "
+              f"(target >= {scale * g['target']:g}{unit}: {'met' if g['met'] else 'NOT met'})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clients.bench_decode", description=__doc__.splitlines()[0])
+    p.add_argument("--presets", default="toy,gpt2-small", help="comma-separated GPT presets (random init)")
+    p.add_argument("--checkpoint", help="benchmark this checkpoint instead of the presets")
+    p.add_argument("--backends", default=",".join([*BACKENDS, HF]))
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
+    p.add_argument("--batch", type=int, default=16, help="prompts decoded together for the aggregate figure")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's, one per core)")
+    p.add_argument("--out", default=str(BENCH_DIR / "decode.json"))
+    p.add_argument("--cache", default=str(BENCH_DIR), help="where preset checkpoints and ONNX exports are kept")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        backends = parse_list(args.backends, choices=[*BACKENDS, HF], name="backends")
+        presets = [] if args.checkpoint else parse_list(args.presets, choices=list(GPT_PRESETS), name="presets")
+        for name in ("steps", "batch", "prompt_len", "repeats"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if HF in backends:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                print("transformers is not installed: skipping the generate() comparison", file=sys.stderr)
+                backends.remove(HF)
+        set_threads(args.threads)
+        runs = [(args.checkpoint, Path(args.checkpoint))] if args.checkpoint else \
+            [(p, ensure_checkpoint(p, Path(args.cache))) for p in presets]
+        results = []
+        for name, ckpt in runs:
+            rows = {}
+            for label in backends:
+                print(f"{name}: {label} ...", flush=True)
+                rows[label] = bench_backend(label, ckpt, args)
+            goals = targets(rows, args.batch)
+            report(name, rows, goals, args.batch)
+            results.append({"preset": name, "checkpoint": str(ckpt), "backends": list(rows.values()), "targets": goals})
+    except (ValueError, OSError) as e:
+        print(f"bench_decode: error: {e}", file=sys.stderr)
+        return 2
+    out = write_json(Path(args.out), {"machine": machine(), "steps": args.steps, "batch": args.batch,
+                                      "prompt_len": args.prompt_len, "repeats": args.repeats, "results": results})
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

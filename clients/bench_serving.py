@@ -1,0 +1,308 @@
+"""Serving benchmark: a concurrency sweep of streaming Generate calls against µLM gRPC servers.
+
+  python -m clients.bench_serving --target HOST:PORT              # a running server
+  python -m clients.bench_serving --preset gpt2-small | --checkpoint DIR [--backends torch,onnx-fp32,onnx-int8]
+      [--concurrency 1,4,16,64] [--max-new-tokens 64] [--threads N] [--max-batch N]
+      [--out build/bench/serving.json] [--cache build/bench]
+
+With a checkpoint (or a preset's random-init one) the script starts one server per backend in turn
+(`python -m server` on a free port; ONNX exports are made once and cached) and first times the same backend
+in-process at batch 1, so the cost of gRPC streaming over in-process decoding is measured too. Per concurrency
+level C: C greedy streams at once (rounds of them until at least --min-streams have run): time to first token
+and inter-token latency p50/p95, aggregate tokens/s (all tokens / wall time), per-stream tokens/s (median),
+errors by status code. Writes JSON and a PNG plot (next to the JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from clients.api.ulm.v1 import text_generation_pb2 as pb
+from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from clients.bench_common import (BACKENDS, BENCH_DIR, ROOT, backend_dir, ensure_checkpoint, machine, parse_list, pct,
+                                  set_threads, time_decode, write_json)
+
+PROMPT = "Once upon a time"
+GRPC_OVERHEAD, SCALING = 0.10, 6.0  # targets: streaming cost over in-process at batch 1; 16 streams vs 1
+
+
+@dataclass
+class Stream:
+    ttft: float = math.nan  # seconds from the call to the first token
+    gaps: list[float] = field(default_factory=list)  # one inter-token latency per token after the first
+    tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None  # status code name
+
+
+async def one_stream(stub, request: pb.GenerateRequest, timeout: float | None) -> Stream:
+    """A message may carry several tokens (the server coalesces when the client lags): its gap is shared."""
+    s = Stream()
+    t0 = last = time.perf_counter()
+    try:
+        async for msg in stub.Generate(request, timeout=timeout):
+            now, n = time.perf_counter(), len(msg.token_ids)
+            if not n:
+                continue
+            if s.tokens == 0:
+                s.ttft = now - t0
+                s.gaps += [0.0] * (n - 1)
+            else:
+                s.gaps += [(now - last) / n] * n
+            s.tokens += n
+            last = now
+    except grpc.RpcError as e:
+        s.error = e.code().name
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+async def run_level(stub, concurrency: int, max_new_tokens: int, prompt: str = PROMPT, min_streams: int = 4,
+                    timeout: float | None = 600) -> dict:
+    """Rounds of `concurrency` simultaneous streams; latencies over all streams, throughput per round."""
+    request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)
+    streams: list[Stream] = []
+    walls, rates = [], []
+    for _ in range(max(1, math.ceil(min_streams / concurrency))):
+        t0 = time.perf_counter()
+        batch = await asyncio.gather(*(one_stream(stub, request, timeout) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+        walls.append(wall)
+        rates.append(sum(s.tokens for s in batch) / wall)
+        streams += batch
+    ok = [s for s in streams if s.error is None]
+    ttft = [s.ttft for s in ok]
+    gaps = [g for s in ok for g in s.gaps]
+    return {
+        "concurrency": concurrency, "streams": len(streams), "max_new_tokens": max_new_tokens,
+        "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p95": 1e3 * pct(ttft, 95)},
+        "itl_ms": {"p50": 1e3 * pct(gaps, 50), "p95": 1e3 * pct(gaps, 95)},
+        "aggregate_tokens_per_s": statistics.median(rates),
+        "per_stream_tokens_per_s": statistics.median(s.tokens / s.seconds for s in ok) if ok else 0.0,
+        "tokens": sum(s.tokens for s in streams), "wall_s": statistics.median(walls),
+        "errors": dict(Counter(s.error for s in streams if s.error is not None)),
+    }
+
+
+async def sweep(target: str, levels: list[int], max_new_tokens: int, prompt: str = PROMPT,
+                min_streams: int = 4, progress=None) -> tuple[dict, list[dict]]:
+    """(the server's ModelInfo as a dict, one result per concurrency level)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.TextGenerationStub(channel)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        await run_level(stub, 1, min(8, max_new_tokens), prompt, 1)  # warm the connection and the server
+        results = []
+        for c in levels:
+            results.append(await run_level(stub, c, max_new_tokens, prompt, min_streams))
+            if progress:
+                progress(results[-1])
+    info = {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
+    return info, results
+
+
+# -- servers started here ----------------------------------------------------------------------------------
+
+class Server:
+    """`python -m server` on a free loopback port, logging to a file; stopped with SIGTERM."""
+
+    def __init__(self, kind: str, directory: Path, threads: int, max_batch: int | None, log: Path):
+        self.log = log
+        args = [sys.executable, "-m", "server", "--backend", kind, "--checkpoint", str(directory), "--port", "0",
+                "--threads", str(threads), "--log-level", "INFO"]
+        if max_batch:
+            args += ["--max-batch", str(max_batch)]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = log.open("w")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.target = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        target = None
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if target is None and (m := re.search(r"listening on ([\d.]+:\d+)", text)):
+                target = m.group(1)
+            if target and "ready:" in text:
+                return target
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}); log: {self.log}\n{text[-2000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"the server was not ready within {timeout} s; log: {self.log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+
+
+def in_process_ms(kind: str, directory: Path, threads: int, max_batch: int | None, steps: int,
+                  repeats: int = 3) -> float:
+    """Median ms per decode step at batch 1 of the same backend in this process, with the server's threads."""
+    from server.backends import load_backend
+
+    set_threads(threads)
+    backend = load_backend(kind, directory, "cpu", max_batch or 32)
+    backend.warmup()
+    times = [t for _ in range(repeats) for t in time_decode(backend, 1, steps, prompt_len=len(PROMPT) + 1)]
+    del backend
+    gc.collect()  # free it before the server loads its own copy
+    return 1e3 * statistics.median(times)
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+def show_level(label: str, r: dict) -> None:
+    err = f", errors {r['errors']}" if r["errors"] else ""
+    print(f"  {label:<10} C={r['concurrency']:<3} TTFT p50 {r['ttft_ms']['p50']:7.1f} p95 {r['ttft_ms']['p95']:7.1f} ms"
+          f" | ITL p50 {r['itl_ms']['p50']:6.2f} p95 {r['itl_ms']['p95']:6.2f} ms | {r['aggregate_tokens_per_s']:7.1f}"
+          f" tok/s total, {r['per_stream_tokens_per_s']:6.1f} per stream{err}", flush=True)
+
+
+def targets(run: dict) -> list[dict]:
+    out = []
+    by_c = {r["concurrency"]: r for r in run["levels"]}
+    if run.get("in_process_ms") and 1 in by_c:
+        cost = by_c[1]["itl_ms"]["p50"] / run["in_process_ms"] - 1
+        out.append({"name": f"{run['backend']}: gRPC streaming cost over in-process decoding at batch 1",
+                    "value": cost, "target": GRPC_OVERHEAD, "met": cost <= GRPC_OVERHEAD})
+    if 1 in by_c and 16 in by_c:
+        x = by_c[16]["aggregate_tokens_per_s"] / by_c[1]["aggregate_tokens_per_s"]
+        out.append({"name": f"{run['backend']}: aggregate tokens/s of 16 streams over 1", "value": x,
+                    "target": SCALING, "met": x >= SCALING})
+    return out
+
+
+def show_targets(goals: list[dict]) -> None:
+    for g in goals:
+        if "cost" in g["name"]:
+            print(f"  {g['name']}: {100 * g['value']:+.1f}% (target <= {100 * g['target']:g}%: "
+                  f"{'met' if g['met'] else 'NOT met'})")
+        else:
+            print(f"  {g['name']}: {g['value']:.2f}x (target >= {g['target']:g}x: {'met' if g['met'] else 'NOT met'})")
+
+
+def plot(runs: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [("aggregate_tokens_per_s", None, "aggregate tokens/s"), ("per_stream_tokens_per_s", None,
+              "tokens/s per stream"), ("ttft_ms", "p50", "time to first token (ms)"), ("itl_ms", "p50",
+              "inter-token latency (ms)")]
+    for ax, (key, sub, title) in zip(axes.flat, panels):
+        for run in runs:
+            cs = [r["concurrency"] for r in run["levels"]]
+            if sub is None:
+                ax.plot(cs, [r[key] for r in run["levels"]], marker="o", label=run["backend"])
+            else:
+                line, = ax.plot(cs, [r[key]["p50"] for r in run["levels"]], marker="o", label=f"{run['backend']} p50")
+                ax.plot(cs, [r[key]["p95"] for r in run["levels"]], marker="x", linestyle="--", color=line.get_color(),
+                        label=f"{run['backend']} p95")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    name = runs[0].get("model", "")
+    fig.suptitle(f"µLM serving: {name}, {runs[0]['max_new_tokens']} new tokens per stream")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- main --------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clients.bench_serving", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--target", help="host:port of a running server")
+    src.add_argument("--checkpoint", help="start servers for this µLM checkpoint")
+    src.add_argument("--preset", help="start servers for a random-init checkpoint of this preset")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="with --checkpoint/--preset")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--min-streams", type=int, default=4, help="run rounds until this many streams per level")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="server threads (and the in-process baseline's); default: the server's, cores - 1")
+    p.add_argument("--max-batch", type=int, help="server slots (default: the server's)")
+    p.add_argument("--out", default=str(BENCH_DIR / "serving.json"))
+    p.add_argument("--cache", default=str(BENCH_DIR), help="where preset checkpoints and ONNX exports are kept")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        levels = parse_list(args.concurrency, int, name="concurrency")
+        if min(levels) < 1 or args.max_new_tokens < 1:
+            raise ValueError("--concurrency and --max-new-tokens must be >= 1")
+        runs = []
+        if args.target:
+            runs.append(run_target(args.target, levels, args))
+        else:
+            checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(args.preset, Path(args.cache))
+            for label in parse_list(args.backends, choices=list(BACKENDS), name="backends"):
+                runs.append(run_backend(label, checkpoint, levels, args))
+    except (ValueError, OSError, RuntimeError, TimeoutError) as e:
+        print(f"bench_serving: error: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"bench_serving: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    write_json(out, {"machine": machine(), "threads": args.threads, "prompt": args.prompt, "runs": runs})
+    png = plot(runs, out.with_suffix(".png"))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def run_target(target: str, levels: list[int], args, label: str | None = None) -> dict:
+    info, results = asyncio.run(sweep(target, levels, args.max_new_tokens, args.prompt, args.min_streams,
+                                      progress=lambda r: show_level(label or "server", r)))
+    return {"backend": label or f"{info['backend']}-{info['dtype']}", "model": info["name"], "target": target,
+            "server": info, "max_new_tokens": args.max_new_tokens, "levels": results}
+
+
+def run_backend(label: str, checkpoint: Path, levels: list[int], args) -> dict:
+    kind, directory = backend_dir(label, checkpoint, Path(args.cache))
+    print(f"{label}: in-process baseline ({args.threads} thread(s)) ...", flush=True)
+    base = in_process_ms(kind, directory, args.threads, args.max_batch, args.max_new_tokens)
+    print(f"{label}: starting a server ...", flush=True)
+    server = Server(kind, directory, args.threads, args.max_batch, Path(args.out).parent / f"server-{label}.log")
+    try:
+        run = run_target(server.target, levels, args, label)
+    finally:
+        server.stop()
+    run["in_process_ms"] = base
+    run["targets"] = targets(run)
+    print(f"  in-process decode at batch 1: {base:.2f} ms/token")
+    show_targets(run["targets"])
+    return run
+
+
+if __name__ == "__main__":
+    sys.exit(main())

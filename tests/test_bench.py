@@ -1,0 +1,106 @@
+"""Benchmark scripts: smoke runs on the toy checkpoint (result files and their keys; no timing assertions), and
+the pieces whose correctness the figures rest on (the decode weight layout, the transformers twin, weight bytes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clients import bench_decode, bench_serving
+from clients.bench_common import weight_bytes
+from ulm.checkpoint import load_checkpoint
+from ulm.config import gpt_preset
+from ulm.model import GPT, KVCache
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_prepared_model_gives_the_same_logits():
+    torch.manual_seed(0)
+    ref = GPT(gpt_preset("toy")).eval()
+    model = GPT(gpt_preset("toy"))
+    model.load_state_dict(ref.state_dict())
+    model.prepare_for_inference()
+    assert model.lm_head.weight is model.embed.tok.weight  # still tied, one copy of the values
+    assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight.t().is_contiguous()
+    idx = torch.randint(0, 259, (3, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)  # several rows: packed weights
+        caches = [KVCache.for_model(m.config, 3, 16) for m in (model, ref)]
+        pos = torch.arange(10).expand(3, 10)
+        for m, c in zip((model, ref), caches):
+            m(idx, pos, c)
+        one = torch.tensor([[5]])  # one row: the column-major weights
+        out, expected = (m(one, torch.tensor([[10]]), c, slice(1, 2)) for m, c in zip((model, ref), caches))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.state_dict()["blocks.0.mlp.fc.weight"], ref.state_dict()["blocks.0.mlp.fc.weight"])
+
+
+def test_transformers_twin_reproduces_the_checkpoint(toy_checkpoint):
+    pytest.importorskip("transformers")
+    model = load_checkpoint(toy_checkpoint)[0]
+    hf = bench_decode.hf_gpt2(model)  # raises when its logits differ
+    idx = torch.randint(0, 259, (2, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
+        ids = hf.generate(idx[:1, :4], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    from ulm.generate import generate_ids
+
+    assert ids[0, 4:].tolist() == generate_ids(model, idx[0, :4].tolist(), 6)
+
+
+def test_weight_bytes_count_what_a_decode_step_reads():
+    cfg = gpt_preset("gpt2-small")
+    with torch.device("meta"):
+        n_params = GPT(cfg).num_params()
+    # every parameter (the tied table once, as the output layer) but the position table
+    assert weight_bytes("torch", None, cfg) == 4 * (n_params - cfg.block_size * cfg.n_embd)
+
+
+def test_bench_decode_writes_results(toy_checkpoint, tmp_path):
+    out = tmp_path / "decode.json"
+    backends = "torch,onnx-fp32" + (",transformers" if bench_decode_has_hf() else "")
+    assert bench_decode.main(["--checkpoint", str(toy_checkpoint), "--backends", backends, "--steps", "4",
+                              "--batch", "2", "--repeats", "1", "--out", str(out), "--cache", str(tmp_path)]) == 0
+    res = json.loads(out.read_text())
+    assert res["machine"]["threads"] == 1
+    (run,) = res["results"]
+    rows = {r["backend"]: r for r in run["backends"]}
+    assert set(rows) == set(backends.split(","))
+    for r in rows.values():
+        assert r["ms_per_token"] > 0 and r["tokens_per_s_batch"] > 0 and r["bandwidth_gbps"] > 0
+        assert r["fraction_of_roofline"] == pytest.approx(r["roofline_ms"] / r["ms_per_token"])
+    assert rows["torch"]["weight_bytes"] == rows["onnx-fp32"]["weight_bytes"]
+    names = [t["name"] for t in run["targets"]]
+    assert "torch decode batch 1, fraction of roofline" in names
+    assert all(set(t) == {"name", "value", "target", "met"} for t in run["targets"])
+
+
+def bench_decode_has_hf() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_bench_serving_sweeps_a_started_server(toy_checkpoint, tmp_path):
+    out = tmp_path / "serving.json"
+    assert bench_serving.main(["--checkpoint", str(toy_checkpoint), "--backends", "torch", "--concurrency", "1,3",
+                               "--max-new-tokens", "6", "--min-streams", "2", "--threads", "1", "--out", str(out),
+                               "--cache", str(tmp_path)]) == 0
+    res = json.loads(out.read_text())
+    (run,) = res["runs"]
+    assert run["backend"] == "torch" and run["in_process_ms"] > 0 and run["server"]["backend"] == "torch"
+    assert [lv["concurrency"] for lv in run["levels"]] == [1, 3]
+    one, three = run["levels"]
+    assert one["streams"] == 2 and three["streams"] == 3
+    for lv in run["levels"]:
+        assert lv["errors"] == {}
+        assert lv["tokens"] == 6 * lv["streams"]
+        assert 0 < lv["ttft_ms"]["p50"] <= lv["ttft_ms"]["p95"] and 0 < lv["itl_ms"]["p50"] <= lv["itl_ms"]["p95"]
+        assert lv["aggregate_tokens_per_s"] > 0 and lv["per_stream_tokens_per_s"] > 0
+    assert [t["name"].split(": ")[1] for t in run["targets"]] == [
+        "gRPC streaming cost over in-process decoding at batch 1"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
