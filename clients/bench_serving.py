@@ -2,15 +2,15 @@
 
   python -m clients.bench_serving --target HOST:PORT              # a running server
   python -m clients.bench_serving --preset gpt2-small | --checkpoint DIR [--backends torch,onnx-fp32,onnx-int8]
-      [--concurrency 1,4,16,64] [--max-new-tokens 64] [--threads N] [--max-batch N]
+      [--concurrency 1,4,16,64] [--max-new-tokens 64] [--rounds 3] [--threads N] [--max-batch N]
       [--out build/bench/serving.json] [--cache build/bench]
 
 With a checkpoint (or a preset's random-init one) the script starts one server per backend in turn
-(`python -m server` on a free port; ONNX exports are made once and cached) and first times the same backend
-in-process at batch 1, so the cost of gRPC streaming over in-process decoding is measured too. Per concurrency
-level C: C greedy streams at once (rounds of them until at least --min-streams have run): time to first token
-and inter-token latency p50/p95, aggregate tokens/s (all tokens / wall time), per-stream tokens/s (median),
-errors by status code. Writes JSON and a PNG plot (next to the JSON).
+(`python -m server` on a free port; ONNX exports are made once and cached) and loads the same backend in this
+process too, to measure what gRPC streaming costs over in-process decoding. Per concurrency level C: C greedy
+streams at once: time to first token and inter-token latency p50/p95, aggregate tokens/s (all tokens / wall
+time), per-stream tokens/s (median), errors by status code. Rounds go over all levels in turn (the machine's
+load drifts); ratios are medians of per-round ratios. Writes JSON and a PNG plot (next to the JSON).
 """
 from __future__ import annotations
 
@@ -70,47 +70,62 @@ async def one_stream(stub, request: pb.GenerateRequest, timeout: float | None) -
     return s
 
 
-async def run_level(stub, concurrency: int, max_new_tokens: int, prompt: str = PROMPT, min_streams: int = 4,
-                    timeout: float | None = 600) -> dict:
-    """Rounds of `concurrency` simultaneous streams; latencies over all streams, throughput per round."""
-    request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)
-    streams: list[Stream] = []
-    walls, rates = [], []
-    for _ in range(max(1, math.ceil(min_streams / concurrency))):
-        t0 = time.perf_counter()
-        batch = await asyncio.gather(*(one_stream(stub, request, timeout) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-        walls.append(wall)
-        rates.append(sum(s.tokens for s in batch) / wall)
-        streams += batch
+async def run_round(stub, concurrency: int, request: pb.GenerateRequest,
+                    timeout: float | None = 600) -> tuple[list[Stream], float]:
+    """`concurrency` simultaneous streams: (their results, wall seconds from the first call to the last token)."""
+    t0 = time.perf_counter()
+    streams = await asyncio.gather(*(one_stream(stub, request, timeout) for _ in range(concurrency)))
+    return list(streams), time.perf_counter() - t0
+
+
+def summarize(concurrency: int, max_new_tokens: int, rounds: list[tuple[list[Stream], float]]) -> dict:
+    """Latency percentiles over every stream of every round; throughputs are medians over rounds."""
+    streams = [s for batch, _ in rounds for s in batch]
     ok = [s for s in streams if s.error is None]
     ttft = [s.ttft for s in ok]
     gaps = [g for s in ok for g in s.gaps]
+    rates = [sum(s.tokens for s in batch) / wall for batch, wall in rounds]
     return {
         "concurrency": concurrency, "streams": len(streams), "max_new_tokens": max_new_tokens,
         "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p95": 1e3 * pct(ttft, 95)},
         "itl_ms": {"p50": 1e3 * pct(gaps, 50), "p95": 1e3 * pct(gaps, 95)},
         "aggregate_tokens_per_s": statistics.median(rates),
         "per_stream_tokens_per_s": statistics.median(s.tokens / s.seconds for s in ok) if ok else 0.0,
-        "tokens": sum(s.tokens for s in streams), "wall_s": statistics.median(walls),
+        "tokens": sum(s.tokens for s in streams), "wall_s": statistics.median(wall for _, wall in rounds),
         "errors": dict(Counter(s.error for s in streams if s.error is not None)),
+        "rounds": [{"aggregate_tokens_per_s": rate, "itl_ms_p50": 1e3 * pct([g for s in batch for g in s.gaps], 50)}
+                   for rate, (batch, _) in zip(rates, rounds)],
     }
 
 
-async def sweep(target: str, levels: list[int], max_new_tokens: int, prompt: str = PROMPT,
-                min_streams: int = 4, progress=None) -> tuple[dict, list[dict]]:
-    """(the server's ModelInfo as a dict, one result per concurrency level)."""
+async def run_level(stub, concurrency: int, max_new_tokens: int, prompt: str = PROMPT, rounds: int = 1) -> dict:
+    request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)
+    return summarize(concurrency, max_new_tokens, [await run_round(stub, concurrency, request) for _ in range(rounds)])
+
+
+async def sweep(target: str, levels: list[int], max_new_tokens: int, prompt: str = PROMPT, rounds: int = 3,
+                in_process=None, progress=None) -> tuple[dict, list[dict], list[float]]:
+    """(the server's ModelInfo as a dict, one result per concurrency level, in-process seconds per token).
+
+    Rounds go over every level in turn, so that the machine's drift over time (load, memory bandwidth) touches
+    all levels alike; `in_process()` (a run of the same backend in this process, timed in seconds per token)
+    goes right before each round's single stream, while the server is idle."""
+    request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TextGenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-        await run_level(stub, 1, min(8, max_new_tokens), prompt, 1)  # warm the connection and the server
-        results = []
-        for c in levels:
-            results.append(await run_level(stub, c, max_new_tokens, prompt, min_streams))
-            if progress:
-                progress(results[-1])
+        await run_level(stub, 1, min(8, max_new_tokens), prompt)  # warm the connection and the server
+        done: dict[int, list] = {c: [] for c in levels}
+        local: list[float] = []
+        for r in range(rounds):
+            for c in levels:
+                if c == 1 and in_process is not None:
+                    local.append(in_process())
+                done[c].append(await run_round(stub, c, request))
+                if progress:
+                    progress(r, c)
     info = {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
-    return info, results
+    return info, [summarize(c, max_new_tokens, done[c]) for c in levels], local
 
 
 # -- servers started here ----------------------------------------------------------------------------------
@@ -153,18 +168,19 @@ class Server:
         self.log_file.close()
 
 
-def in_process_ms(kind: str, directory: Path, threads: int, max_batch: int | None, steps: int,
-                  repeats: int = 3) -> float:
-    """Median ms per decode step at batch 1 of the same backend in this process, with the server's threads."""
-    from server.backends import load_backend
+class InProcess:
+    """The same backend in this process, with the server's threads: seconds per decode step at batch 1."""
 
-    set_threads(threads)
-    backend = load_backend(kind, directory, "cpu", max_batch or 32)
-    backend.warmup()
-    times = [t for _ in range(repeats) for t in time_decode(backend, 1, steps, prompt_len=len(PROMPT) + 1)]
-    del backend
-    gc.collect()  # free it before the server loads its own copy
-    return 1e3 * statistics.median(times)
+    def __init__(self, kind: str, directory: Path, threads: int, max_batch: int | None, steps: int, prompt: str):
+        from server.backends import load_backend
+
+        set_threads(threads)
+        self.backend = load_backend(kind, directory, "cpu", max_batch or 32)
+        self.backend.warmup()
+        self.steps, self.prompt_len = steps, len(self.backend.tokenizer.encode(prompt))
+
+    def __call__(self) -> float:
+        return statistics.median(time_decode(self.backend, 1, self.steps, self.prompt_len))
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -177,14 +193,17 @@ def show_level(label: str, r: dict) -> None:
 
 
 def targets(run: dict) -> list[dict]:
+    """Medians of per-round ratios (each round's figures were taken together)."""
     out = []
     by_c = {r["concurrency"]: r for r in run["levels"]}
-    if run.get("in_process_ms") and 1 in by_c:
-        cost = by_c[1]["itl_ms"]["p50"] / run["in_process_ms"] - 1
+    if run.get("in_process_ms_rounds") and 1 in by_c:
+        cost = statistics.median(r["itl_ms_p50"] / ms - 1
+                                 for r, ms in zip(by_c[1]["rounds"], run["in_process_ms_rounds"]))
         out.append({"name": f"{run['backend']}: gRPC streaming cost over in-process decoding at batch 1",
                     "value": cost, "target": GRPC_OVERHEAD, "met": cost <= GRPC_OVERHEAD})
     if 1 in by_c and 16 in by_c:
-        x = by_c[16]["aggregate_tokens_per_s"] / by_c[1]["aggregate_tokens_per_s"]
+        x = statistics.median(a["aggregate_tokens_per_s"] / b["aggregate_tokens_per_s"]
+                              for a, b in zip(by_c[16]["rounds"], by_c[1]["rounds"]))
         out.append({"name": f"{run['backend']}: aggregate tokens/s of 16 streams over 1", "value": x,
                     "target": SCALING, "met": x >= SCALING})
     return out
@@ -219,6 +238,8 @@ def plot(runs: list[dict], path: Path) -> Path:
                 ax.plot(cs, [r[key]["p95"] for r in run["levels"]], marker="x", linestyle="--", color=line.get_color(),
                         label=f"{run['backend']} p95")
         ax.set_xscale("log", base=2)
+        if sub is not None:
+            ax.set_yscale("log")  # queueing at high concurrency spans orders of magnitude
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.set_xlabel("concurrent streams")
         ax.set_title(title)
@@ -245,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt", default=PROMPT)
-    p.add_argument("--min-streams", type=int, default=4, help="run rounds until this many streams per level")
+    p.add_argument("--rounds", type=int, default=3, help="each round runs every concurrency level once")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="server threads (and the in-process baseline's); default: the server's, cores - 1")
     p.add_argument("--max-batch", type=int, help="server slots (default: the server's)")
@@ -258,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         levels = parse_list(args.concurrency, int, name="concurrency")
-        if min(levels) < 1 or args.max_new_tokens < 1:
-            raise ValueError("--concurrency and --max-new-tokens must be >= 1")
+        if min(levels) < 1 or args.max_new_tokens < 1 or args.rounds < 1:
+            raise ValueError("--concurrency, --max-new-tokens and --rounds must be >= 1")
         runs = []
         if args.target:
             runs.append(run_target(args.target, levels, args))
@@ -280,27 +301,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_target(target: str, levels: list[int], args, label: str | None = None) -> dict:
-    info, results = asyncio.run(sweep(target, levels, args.max_new_tokens, args.prompt, args.min_streams,
-                                      progress=lambda r: show_level(label or "server", r)))
-    return {"backend": label or f"{info['backend']}-{info['dtype']}", "model": info["name"], "target": target,
-            "server": info, "max_new_tokens": args.max_new_tokens, "levels": results}
+def run_target(target: str, levels: list[int], args, label: str | None = None, in_process=None) -> dict:
+    info, results, local = asyncio.run(sweep(
+        target, levels, args.max_new_tokens, args.prompt, args.rounds, in_process,
+        progress=lambda r, c: print(f"  round {r + 1}/{args.rounds}: {c} stream(s)", flush=True)))
+    label = label or f"{info['backend']}-{info['dtype']}"
+    for r in results:
+        show_level(label, r)
+    run = {"backend": label, "model": info["name"], "target": target, "server": info,
+           "max_new_tokens": args.max_new_tokens, "levels": results}
+    if local:
+        run["in_process_ms"] = 1e3 * statistics.median(local)
+        run["in_process_ms_rounds"] = [1e3 * x for x in local]
+        print(f"  in-process decode at batch 1: {run['in_process_ms']:.2f} ms/token")
+    run["targets"] = targets(run)
+    show_targets(run["targets"])
+    return run
 
 
 def run_backend(label: str, checkpoint: Path, levels: list[int], args) -> dict:
     kind, directory = backend_dir(label, checkpoint, Path(args.cache))
-    print(f"{label}: in-process baseline ({args.threads} thread(s)) ...", flush=True)
-    base = in_process_ms(kind, directory, args.threads, args.max_batch, args.max_new_tokens)
-    print(f"{label}: starting a server ...", flush=True)
+    print(f"{label}: starting a server ({args.threads} thread(s)) and loading the backend here too ...", flush=True)
     server = Server(kind, directory, args.threads, args.max_batch, Path(args.out).parent / f"server-{label}.log")
     try:
-        run = run_target(server.target, levels, args, label)
+        local = InProcess(kind, directory, args.threads, args.max_batch, args.max_new_tokens, args.prompt)
+        run = run_target(server.target, levels, args, label, local)
     finally:
         server.stop()
-    run["in_process_ms"] = base
-    run["targets"] = targets(run)
-    print(f"  in-process decode at batch 1: {base:.2f} ms/token")
-    show_targets(run["targets"])
+    del local
+    gc.collect()
     return run
 
 

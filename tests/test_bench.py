@@ -66,11 +66,13 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path):
     res = json.loads(out.read_text())
     assert res["machine"]["threads"] == 1
     (run,) = res["results"]
+    assert run["gpt2_small_shape"] is False
     rows = {r["backend"]: r for r in run["backends"]}
     assert set(rows) == set(backends.split(","))
     for r in rows.values():
         assert r["ms_per_token"] > 0 and r["tokens_per_s_batch"] > 0 and r["bandwidth_gbps"] > 0
-        assert r["fraction_of_roofline"] == pytest.approx(r["roofline_ms"] / r["ms_per_token"])
+        assert len(r["rounds"]) == 1 and r["fraction_of_roofline"] == pytest.approx(
+            r["weight_bytes"] / r["bandwidth_gbps"] / 1e6 / r["ms_per_token"])  # one round: its own figures
     assert rows["torch"]["weight_bytes"] == rows["onnx-fp32"]["weight_bytes"]
     names = [t["name"] for t in run["targets"]]
     assert "torch decode batch 1, fraction of roofline" in names
@@ -88,14 +90,15 @@ def bench_decode_has_hf() -> bool:
 def test_bench_serving_sweeps_a_started_server(toy_checkpoint, tmp_path):
     out = tmp_path / "serving.json"
     assert bench_serving.main(["--checkpoint", str(toy_checkpoint), "--backends", "torch", "--concurrency", "1,3",
-                               "--max-new-tokens", "6", "--min-streams", "2", "--threads", "1", "--out", str(out),
+                               "--max-new-tokens", "6", "--rounds", "2", "--threads", "1", "--out", str(out),
                                "--cache", str(tmp_path)]) == 0
     res = json.loads(out.read_text())
     (run,) = res["runs"]
-    assert run["backend"] == "torch" and run["in_process_ms"] > 0 and run["server"]["backend"] == "torch"
+    assert run["backend"] == "torch" and run["server"]["backend"] == "torch"
+    assert run["in_process_ms"] > 0 and len(run["in_process_ms_rounds"]) == 2
     assert [lv["concurrency"] for lv in run["levels"]] == [1, 3]
     one, three = run["levels"]
-    assert one["streams"] == 2 and three["streams"] == 3
+    assert one["streams"] == 2 and three["streams"] == 6 and len(three["rounds"]) == 2
     for lv in run["levels"]:
         assert lv["errors"] == {}
         assert lv["tokens"] == 6 * lv["streams"]

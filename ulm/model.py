@@ -77,7 +77,10 @@ class MultiHeadAttention(nn.Module):
     q, k and v projections are packed in one (3C, C) weight, in nn.MultiheadAttention's layout, so that
     self-attention is a single matmul. Masks: `key_padding_mask` (B, S) is True at padding keys (as in
     nn.MultiheadAttention); `causal` hides future keys; `attn_mask` (B or 1, 1, T, S) is True where a
-    query may attend (SDPA's convention) and overrides both.
+    query may attend (SDPA's convention; or an additive float mask) and overrides both. With `kv_cache`, the
+    new keys/values go to each row's positions `input_pos` and the queries attend to the first `cache_len`
+    positions (default: attn_mask's length) through attn_mask; without attn_mask, every row's one new token is
+    at position cache_len - 1 and attends to all of them.
     """
 
     def __init__(self, d_model: int, n_head: int, bias: bool = True, dropout: float = 0.0):
@@ -98,6 +101,7 @@ class MultiHeadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_pos: torch.Tensor | None = None,
+        cache_len: int | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         if memory is None:
@@ -110,7 +114,8 @@ class MultiHeadAttention(nn.Module):
         q = self.heads(q)  # (B, nh, T, hs)
         k, v = self.heads(k), self.heads(v)  # (B, nh, S, hs)
         if kv_cache is not None:
-            k, v = write_kv(kv_cache, k, v, input_pos, attn_mask.shape[-1])  # (B, nh, L, hs)
+            k, v = write_kv(kv_cache, k, v, input_pos, cache_len or attn_mask.shape[-1],
+                            at_end=attn_mask is None)  # (B, nh, L, hs)
         elif attn_mask is None:
             attn_mask = build_mask(key_padding_mask, causal, T, k.shape[2], x.device)
         y = F.scaled_dot_product_attention(
@@ -139,13 +144,20 @@ def build_mask(
 
 
 def write_kv(
-    cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, length: int
+    cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, length: int,
+    at_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write this step's keys/values in place at each row's positions; return the first `length` cached.
 
-    cache: (B, nh, L, hs) buffers; k, v: (B, nh, T, hs); input_pos: (B, T).
+    cache: (B, nh, L, hs) buffers; k, v: (B, nh, T, hs); input_pos: (B, T). at_end: every row's positions are
+    length - T .. length - 1, written as one slice (a plain copy, not an indexed scatter).
     """
     k_cache, v_cache = cache
+    if at_end:
+        T = k.shape[2]
+        k_cache[:, :, length - T:length] = k
+        v_cache[:, :, length - T:length] = v
+        return k_cache[:, :, :length], v_cache[:, :, :length]
     rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
     k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)  # indexed view is (B, T, nh, hs)
     v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
@@ -332,8 +344,14 @@ class Transformer(nn.Module):
 
 
 class InferenceLinear(nn.Linear):
-    """An nn.Linear for CPU inference, sharing the parameters of the one it replaces (see prepare_for_inference):
-    column-major weight for one row, a oneDNN-packed copy for several."""
+    """An nn.Linear for CPU inference sharing the parameters of the one it replaces (GPT.prepare_for_inference).
+
+    Kernels, as measured on a 2-core AMD EPYC (torch 2.13, fp32): for several rows (prefill, batched decoding)
+    oneDNN on the packed copy, ~2x faster than MKL. For one row (decoding one sequence) on one thread, MKL's
+    matrix-vector product over the row-major (in, out) matrix that the column-major weight is, except in layers
+    that shrink (in > out), whose short rows stream poorly; on more threads oneDNN, as MKL's matrix-vector
+    product runs on one thread only.
+    """
 
     def __init__(self, linear: nn.Linear, pack: bool):
         nn.Module.__init__(self)
@@ -344,7 +362,8 @@ class InferenceLinear(nn.Linear):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16) if pack else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.numel() > x.shape[-1] and not torch.is_grad_enabled():
+        if self.packed is not None and not torch.is_grad_enabled() and (
+                x.numel() > x.shape[-1] or self.in_features > self.out_features or torch.get_num_threads() > 1):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -439,10 +458,14 @@ class GPT(nn.Module):
             for block in self.blocks:
                 x = block(x, causal=True)
         else:
-            key_pos = torch.arange(length, device=idx.device)
-            mask = (key_pos[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, L)
+            if T == 1 and int(input_pos.min()) == length - 1:
+                mask = None  # one token per row, all at the last position: each sees the whole cache
+            else:  # additive, built once: SDPA would convert a boolean mask in every layer
+                key_pos = torch.arange(length, device=idx.device)
+                allowed = (key_pos[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, L)
+                mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, -math.inf)
             for i, block in enumerate(self.blocks):
-                x = block(x, attn_mask=mask, kv_cache=kv_cache.layer(i, rows), input_pos=input_pos)
+                x = block(x, attn_mask=mask, kv_cache=kv_cache.layer(i, rows), input_pos=input_pos, cache_len=length)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         return self.lm_head(self.ln_f(x))
@@ -454,10 +477,9 @@ class GPT(nn.Module):
         Each (out, in) weight becomes a column-major view of a contiguous (in, out) matrix: values, shapes and
         parameters stay (tied weights stay tied), and F.linear hands BLAS a row-major (in, out) operand, which
         the matrix-vector products of one-token decoding read up to 2x faster (the output layer most of all).
-        With `pack`, each Linear also keeps a oneDNN-packed copy of its weight for inputs of several rows
-        (batched decoding, prefill), where it runs about 2x faster than MKL: speed for a second copy of the
-        weights in memory. Leave training models as they are; save from an unprepared model (safetensors
-        wants contiguous tensors).
+        With `pack`, each Linear also keeps a oneDNN-packed copy of its weight (see InferenceLinear for when it
+        is used): speed for a second copy of the weights in memory. Prepare after loading the weights (the
+        packed copies do not follow later changes); leave training models as they are.
         """
         if next(self.parameters()).device.type != "cpu":
             return self.eval()
