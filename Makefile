@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test clean
+.PHONY: install serve test bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) -m clients.bench_decode --presets toy,gpt2-small
+	$(PY) -m clients.bench_serving --preset gpt2-small
+	$(PY) -m clients.bench_train
 
 clean:
 	rm -rf $(VENV)

@@ -94,6 +94,7 @@ class Runner:
 
     def __init__(self, label: str, checkpoint: Path, args):
         from server.backends import load_backend
+        from server.backends.base import warmup
         from ulm.checkpoint import load_checkpoint
 
         self.label, self.args = label, args
@@ -104,7 +105,7 @@ class Runner:
         else:
             kind, directory = backend_dir(label, checkpoint, Path(args.cache))
             self.backend = load_backend(kind, directory, "cpu", max_batch=args.batch)
-            self.backend.warmup()
+            warmup(self.backend)
             cfg = self.backend.config
         self.config = cfg
         self.weight_bytes = weight_bytes("torch" if label == HF else label, directory, cfg)

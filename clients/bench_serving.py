@@ -173,10 +173,11 @@ class InProcess:
 
     def __init__(self, kind: str, directory: Path, threads: int, max_batch: int | None, steps: int, prompt: str):
         from server.backends import load_backend
+        from server.backends.base import warmup
 
         set_threads(threads)
         self.backend = load_backend(kind, directory, "cpu", max_batch or 32)
-        self.backend.warmup()
+        warmup(self.backend)
         self.steps, self.prompt_len = steps, len(self.backend.tokenizer.encode(prompt))
 
     def __call__(self) -> float:

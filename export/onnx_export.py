@@ -13,13 +13,13 @@ last position only and skips a (T, C) x (C, V) matmul; pass arange(T) for every 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.export import Dim
 
 from ulm.model import GPT, Block
@@ -80,7 +80,10 @@ def block_forward(block: Block, x: torch.Tensor, past_k: torch.Tensor, past_v: t
         k = torch.cat([past_k, k], dim=2)  # (B, nh, P+T, hs)
         v = torch.cat([past_v, v], dim=2)
         present.extend((k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        # Attention as plain matmuls, not SDPA: ONNX Runtime then folds the key transpose into the MatMul
+        # instead of re-transposing the whole key cache every step (batch-16 decode ~20% faster).
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))  # (B, nh, T, P+T)
+        y = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, nh, T, hs)
         return a.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
     if block.norm_first:

@@ -17,6 +17,7 @@ from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from export.quantize import quantize_int8
 from export.runtime import ExportError, file_entries
 from server.backends import load_backend
+from server.backends.base import warmup
 from server.backends.onnx_backend import OnnxBackend
 from server.backends.torch_backend import TorchBackend
 from server_fixture import InProcessServer
@@ -88,7 +89,7 @@ def test_continuous_batching_matches_generate_ids(export_dir, checkpoint, refere
     prompts = [rng.integers(0, 259, int(rng.integers(1, 30))).tolist() for _ in range(9)]
     max_new = [int(rng.integers(2, 25)) for _ in prompts]
     backend = OnnxBackend(export_dir, "cpu", max_batch=4)
-    backend.warmup()
+    warmup(backend)
     got = run_batching(backend, prompts, max_new, 4)
     for r, p in enumerate(prompts):
         assert got[r] == generate_ids(reference, p, max_new[r]), r
@@ -153,7 +154,7 @@ def test_cuda_request_logs_the_provider_in_use(export_dir, caplog):
         assert b.providers == ["CPUExecutionProvider"]
         assert "CUDA execution provider unavailable" in text and "falling back to CPUExecutionProvider" in text
         assert any(r.levelno == logging.WARNING for r in caplog.records)
-    b.warmup()
+    warmup(b)
 
 
 def test_int8_is_refused_on_cuda_and_runs_on_cpu(int8_dir, export_dir):

@@ -36,6 +36,13 @@ class Backend(Protocol):
         """Forget the slot's sequence; the slot may be prefilled again."""
         ...
 
-    def warmup(self) -> None:
-        """Run a small prefill and decode so the first real request pays no one-off costs."""
-        ...
+
+
+def warmup(backend: Backend) -> None:
+    """Run a small prefill and decode (two rows of different lengths, so the padded path too) so the first
+    real request pays no one-off costs."""
+    slots = list(range(min(2, backend.max_batch)))
+    backend.prefill(slots, [[0] * (i + 1) for i in slots])
+    backend.decode(slots, [0] * len(slots), [i + 1 for i in slots])
+    for s in slots:
+        backend.release(s)

@@ -123,13 +123,6 @@ class OnnxBackend:
         if slot in self.batch:  # its row stays until the batch is rebuilt; it is never fed again
             self.batch[self.batch.index(slot)] = None
 
-    def warmup(self) -> None:
-        slots = list(range(min(2, self.max_batch)))
-        self.prefill(slots, [[0] * (i + 1) for i in slots])  # different lengths: the padded path too
-        self.decode(slots, [0] * len(slots), [i + 1 for i in slots])
-        for s in slots:
-            self.release(s)
-
     # -- internals ----------------------------------------------------------------------------------------
 
     def _next_buffers(self, shape: tuple[int, ...]) -> list[np.ndarray]:

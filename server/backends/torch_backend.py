@@ -89,9 +89,3 @@ class TorchBackend:
         self.slot_at.pop()
         self.length.pop()
 
-    def warmup(self) -> None:
-        slots = list(range(min(2, self.max_batch)))
-        self.prefill(slots, [[0] * (i + 1) for i in slots])  # different lengths: the padded path too
-        self.decode(slots, [0] * len(slots), [i + 1 for i in slots])
-        for s in slots:
-            self.release(s)

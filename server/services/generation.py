@@ -13,7 +13,7 @@ import grpc
 from clients.api.ulm.v1 import text_generation_pb2 as pb
 from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.backends import BACKENDS, load_backend
-from server.backends.base import Backend
+from server.backends.base import Backend, warmup
 from server.errors import InvalidArgument, NotFound, Unavailable
 from server.metrics import Metrics
 from server.scheduler import Chunk, GenerationRequest, Scheduler
@@ -68,7 +68,7 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         threads = a.threads or max(1, len(os.sched_getaffinity(0)) - 1)
         await loop.run_in_executor(executor, torch.set_num_threads, threads)  # OpenMP's setting is per thread
         backend = await loop.run_in_executor(executor, load_backend, a.backend, a.checkpoint, a.device, a.max_batch)
-        await loop.run_in_executor(executor, backend.warmup)
+        await loop.run_in_executor(executor, warmup, backend)
         self.backend = backend
         self.scheduler = Scheduler(backend, a.max_queue, self.metrics, executor)
         self.scheduler.start()
