@@ -16,14 +16,18 @@ from ulm.model import GPT, KVCache
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_prepared_model_gives_the_same_logits():
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+def test_prepared_model_gives_the_same_logits(activation):
     torch.manual_seed(0)
-    ref = GPT(gpt_preset("toy")).eval()
-    model = GPT(gpt_preset("toy"))
+    cfg = gpt_preset("toy", activation=activation)
+    ref = GPT(cfg).eval()
+    model = GPT(cfg)
     model.load_state_dict(ref.state_dict())
     model.prepare_for_inference()
     assert model.lm_head.weight is model.embed.tok.weight  # still tied, one copy of the values
     assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight.t().is_contiguous()
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp.act, torch.nn.Identity) and mlp.fc.post_op == activation.removesuffix("_tanh")  # fused
     idx = torch.randint(0, 259, (3, 10))
     with torch.inference_mode():
         torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)  # several rows: packed weights
