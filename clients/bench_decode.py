@@ -10,7 +10,8 @@ Random-init checkpoints of the presets are written under build/bench/checkpoints
 exports of them are made once and cached. Each backend decodes through the interface the server drives
 (prefill, then one batched decode step per token, greedy): ms per token at batch 1 and aggregate tokens/s at
 --batch. transformers (when installed) runs GPT2LMHeadModel.generate() on the same weights, converted from
-the checkpoint and checked against it. Repeats are interleaved with bandwidth samples; figures are medians.
+the checkpoint and checked against it. Repeats are interleaved with bandwidth samples; figures are medians
+(the table also shows the spread of % roofline over rounds). Writes JSON and a PNG plot next to it.
 """
 from __future__ import annotations
 
@@ -139,7 +140,9 @@ def summary(label: str, runner: Runner, rounds: list[dict], batch: int) -> dict:
     roofline_ms = runner.weight_bytes / med["bandwidth_gbps"] / 1e6
     return {"backend": label, "weight_bytes": runner.weight_bytes, "bandwidth_gbps": med["bandwidth_gbps"],
             "roofline_ms": roofline_ms, "ms_per_token": 1e3 * med["s_per_token_b1"],
-            "fraction_of_roofline": med["fraction_of_roofline"], "batch": batch,
+            "fraction_of_roofline": med["fraction_of_roofline"],
+            "fraction_of_roofline_range": [min(r["fraction_of_roofline"] for r in rounds),
+                                           max(r["fraction_of_roofline"] for r in rounds)], "batch": batch,
             "tokens_per_s_batch": batch / med["s_per_step_batch"],
             "roofline_tokens_per_s_batch": batch * 1e3 / roofline_ms, "rounds": rounds}
 
@@ -182,11 +185,12 @@ def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, sh
     print(f"\n{preset}: {torch.get_num_threads()} thread(s), load average {machine()['load_avg_1m']}; medians over "
           f"rounds; roofline = weight bytes / memory read bandwidth measured around each run")
     print(f"{'backend':<13}{'weights MB':>11}{'GB/s':>6}{'roofline ms':>12}{'ms/token':>10}{'% roofline':>11}"
-          f"{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")
+          f"{'(rounds)':>11}{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")
     for r in rows.values():
+        lo, hi = (round(100 * f) for f in r["fraction_of_roofline_range"])
         print(f"{r['backend']:<13}{r['weight_bytes'] / 1e6:>11.1f}{r['bandwidth_gbps']:>6.1f}{r['roofline_ms']:>12.2f}"
-              f"{r['ms_per_token']:>10.2f}{100 * r['fraction_of_roofline']:>10.0f}%{r['tokens_per_s_batch']:>12.0f}"
-              f"{r['roofline_tokens_per_s_batch']:>14.0f}")
+              f"{r['ms_per_token']:>10.2f}{100 * r['fraction_of_roofline']:>10.0f}%{f'{lo}-{hi}%':>11}"
+              f"{r['tokens_per_s_batch']:>12.0f}{r['roofline_tokens_per_s_batch']:>14.0f}")
     if not shaped:
         print("  (the targets are set for the GPT-2-small shape; shown for reference)")
     for g in goals:
@@ -194,6 +198,34 @@ def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, sh
         scale = 100 if unit == "%" else 1
         print(f"  {g['name']}: {scale * g['value']:.{0 if unit == '%' else 2}f}{unit} "
               f"(target >= {scale * g['target']:g}{unit}: {'met' if g['met'] else 'NOT met'})")
+
+
+def plot(results: list[dict], batch: int, path: Path) -> Path:
+    """Per preset: ms/token at batch 1 and tokens/s at `batch` for each backend, next to its roofline."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6 * len(results)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(results), 2, squeeze=False)
+    for (left, right), run in zip(axes, results):
+        rows = run["backends"]
+        names = [r["backend"] for r in rows]
+        for ax, key, roof, title in ((left, "ms_per_token", "roofline_ms", "ms per token, batch 1 (lower is better)"),
+                                     (right, "tokens_per_s_batch", "roofline_tokens_per_s_batch",
+                                      f"tokens/s, batch {batch} (higher is better)")):
+            bars = ax.bar(names, [r[key] for r in rows], color="tab:blue", label="measured")
+            ax.scatter(names, [r[roof] for r in rows], marker="_", s=900, color="tab:red", zorder=3,
+                       label="roofline (weight bytes / bandwidth)")
+            if key == "ms_per_token":
+                ax.bar_label(bars, [f"{100 * r['fraction_of_roofline']:.0f}%" for r in rows], fontsize=8)
+            ax.set_title(f"{run['preset']}: {title}", fontsize=10)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = write_json(Path(args.out), {"machine": machine(), "steps": args.steps, "batch": args.batch,
                                       "prompt_len": args.prompt_len, "repeats": args.repeats, "results": results})
-    print(f"\nwrote {out}")
+    png = plot(results, args.batch, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {png}")
     return 0
 
 

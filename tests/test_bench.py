@@ -81,6 +81,7 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path):
     names = [t["name"] for t in run["targets"]]
     assert "torch decode batch 1, fraction of roofline" in names
     assert all(set(t) == {"name", "value", "target", "met"} for t in run["targets"])
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def bench_decode_has_hf() -> bool:
