@@ -5,6 +5,14 @@ slots and prefill them together, then run one decode step over every running req
 through each request's TextStream into its output queue; a finished request leaves at once and its slot is
 reused in the next iteration. Forward passes and sampling run in one worker thread (torch releases the GIL),
 so the event loop keeps streaming; all scheduler state is touched only on the event loop.
+
+The loop works one decode step ahead: it queues step n+1 while step n runs, then turns step n's tokens into
+text, so the worker starts the next pass as soon as one ends instead of waiting for the loop. Step n+1 feeds
+each sequence the token that step n samples, which only the worker knows in time: the worker keeps it on the
+sequence (`Sequence.next`) and skips a sequence whose token ends it by id alone (EOS, max_new_tokens, the
+context). A sequence that a stop string, a cancellation or its deadline ends while its next step is queued
+just loses that step's token. A sequence's generator draws once per step it takes part in, in step order, so
+seeded sampling is unchanged; admission waits for at most the one step already queued.
 """
 from __future__ import annotations
 
@@ -52,23 +60,28 @@ class Chunk:
 class Sequence:
     """A request inside the scheduler: its slot, its sampled tokens and its output queue."""
 
-    def __init__(self, req: GenerationRequest, stream: TextStream):
+    def __init__(self, req: GenerationRequest, stream: TextStream, eos_id: int, context: int):
         self.req = req
         self.generator = None if req.params.greedy else req.params.make_generator()
         self.stream = stream
+        self.eos_id = eos_id
+        self.limit = min(req.max_new_tokens, context - len(req.prompt_ids))  # no position past the context
         self.tokens: list[int] = []
         self.slot: int | None = None
-        self.prefilled = False  # the backend holds the slot's cache
+        self.next: tuple[int, int] | None = None  # worker thread only: (token, position) the next decode feeds
         self.out: asyncio.Queue[Chunk] = asyncio.Queue()
         self.cancelled: str | None = None  # why the client went away: "cancelled" or "deadline"
         self.aborted = False  # the server is shutting down
         self.finished = False
         self.arrival = self.last = time.monotonic()
 
-    @property
-    def position(self) -> int:
-        """Where the last sampled token goes when it is fed back."""
-        return len(self.req.prompt_ids) + len(self.tokens) - 1
+    def ends(self, token: int, count: int) -> bool:
+        """Whether its count-th generated token ends it whatever the text: EOS, max_new_tokens or the context."""
+        return token == self.eos_id or count >= self.limit
+
+    def sampled(self, token: int, position: int) -> None:
+        """Worker thread: the next decode feeds `token` at `position`, unless the token ends the sequence."""
+        self.next = None if self.ends(token, position - len(self.req.prompt_ids) + 1) else (token, position)
 
     def dropped(self, now: float) -> str | None:
         if self.aborted:
@@ -76,6 +89,15 @@ class Sequence:
         if self.req.deadline is not None and now >= self.req.deadline:
             return "deadline"
         return self.cancelled
+
+
+@dataclass
+class Step:
+    """A forward pass handed to the worker thread; its result is (the sequences it advanced, their tokens)."""
+
+    seqs: list[Sequence]
+    result: asyncio.Future
+    prefill: bool
 
 
 class Scheduler:
@@ -89,7 +111,9 @@ class Scheduler:
         self.free = list(range(backend.max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
-        self.to_release: list[int] = []  # slots the backend still holds; released before the next pass
+        self.to_release: list[int] = []  # slots of finished sequences; released before the next pass
+        self.held: set[int] = set()  # worker thread only: the slots the backend holds
+        self.ahead: Step | None = None  # the decode step queued while the loop handles the one before
         self.accepting = True
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -107,7 +131,8 @@ class Scheduler:
         if len(self.waiting) >= self.max_queue + len(self.free):
             raise ResourceExhausted(f"queue is full: {len(self.waiting)} requests waiting for "
                                     f"{self.backend.max_batch} slots (--max-queue {self.max_queue})")
-        seq = Sequence(req, TextStream(self.backend.tokenizer, req.stop))
+        seq = Sequence(req, TextStream(self.backend.tokenizer, req.stop), self.eos_id,
+                       self.backend.config.block_size)
         self.waiting.append(seq)
         self.metrics.queue_depth.set(len(self.waiting))
         self._idle.clear()
@@ -153,7 +178,7 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
-            if not self.waiting and not self.running:
+            if not self.waiting and not self.running and self.ahead is None:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -166,12 +191,15 @@ class Scheduler:
                     self._finish(seq, "error", error=Internal(f"scheduler error: {e}"))
 
     async def _iteration(self) -> None:
+        """Queue the next passes behind the decode step in flight, then handle that step's tokens."""
         self._drop()
         new = self._admit()
-        if new:
-            await self._step(new, prefill=True)
-        if self.running:
-            await self._step(list(self.running.values()), prefill=False)
+        prefill = self._submit(new, prefill=True) if new else None
+        previous = self.ahead
+        self.ahead = self._submit(list(self.running.values()), prefill=False) if self.running else None
+        for step in (previous, prefill):
+            if step is not None:
+                await self._collect(step)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.running))
 
@@ -203,20 +231,25 @@ class Scheduler:
             new.append(seq)
         return new
 
-    async def _step(self, seqs: list[Sequence], prefill: bool) -> None:
+    def _submit(self, seqs: list[Sequence], prefill: bool) -> Step:
+        """The slots go along as they are now: the loop may finish a sequence before its pass runs."""
         released, self.to_release = self.to_release, []
         work = self._prefill_sync if prefill else self._decode_sync
+        result = asyncio.get_running_loop().run_in_executor(self.executor, work, released, seqs,
+                                                            [s.slot for s in seqs])
+        return Step(seqs, result, prefill)
+
+    async def _collect(self, step: Step) -> None:
         try:
-            tokens = await asyncio.get_running_loop().run_in_executor(self.executor, work, released, seqs)
+            seqs, tokens = await step.result
         except Exception as e:  # a failed pass fails its requests only; the server keeps serving
-            log.exception("%s failed for %d requests", "prefill" if prefill else "decode", len(seqs))
-            for seq in seqs:
+            log.exception("%s failed for %d requests", "prefill" if step.prefill else "decode", len(step.seqs))
+            for seq in step.seqs:
                 self._finish(seq, "error", error=Internal(f"model forward pass failed: {e}"))
             return
         now = time.monotonic()
         for seq, token in zip(seqs, tokens):
-            if prefill:
-                seq.prefilled = True
+            if step.prefill:
                 self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
             if reason := seq.dropped(now):
                 self._finish(seq, reason)
@@ -226,25 +259,47 @@ class Scheduler:
                 except Exception as e:  # e.g. a tokenizer error: this request fails, the others go on
                     log.exception("request failed after token %d", token)
                     self._finish(seq, "error", error=Internal(f"could not process token {token}: {e}"))
-        if not prefill:
+        if not step.prefill and seqs:
             self.metrics.batch_size.observe(len(seqs))
 
     # forward passes, in the worker thread
 
     def _release_sync(self, slots: list[int]) -> None:
         for slot in slots:
-            self.backend.release(slot)
+            if slot in self.held:  # not after a failed prefill, nor twice (see _decode_sync)
+                self.held.remove(slot)
+                self.backend.release(slot)
 
-    def _prefill_sync(self, released: list[int], seqs: list[Sequence]) -> list[int]:
+    def _prefill_sync(self, released: list[int], seqs: list[Sequence],
+                      slots: list[int]) -> tuple[list[Sequence], list[int]]:
         self._release_sync(released)
-        logits = self.backend.prefill([s.slot for s in seqs], [s.req.prompt_ids for s in seqs])
-        return sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+        logits = self.backend.prefill(slots, [s.req.prompt_ids for s in seqs])
+        self.held.update(slots)
+        tokens = sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+        for seq, token in zip(seqs, tokens):
+            seq.sampled(token, len(seq.req.prompt_ids))
+        return seqs, tokens
 
-    def _decode_sync(self, released: list[int], seqs: list[Sequence]) -> list[int]:
-        self._release_sync(released)
-        logits = self.backend.decode([s.slot for s in seqs], [s.tokens[-1] for s in seqs],
-                                     [s.position for s in seqs])
-        return sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+    def _decode_sync(self, released: list[int], seqs: list[Sequence],
+                     slots: list[int]) -> tuple[list[Sequence], list[int]]:
+        # sequences that their last token ended are released now, not a step later: left in the backend they would
+        # be holes in the batch (torch would split its rows into several passes, onnx would rebuild)
+        ended = [slot for seq, slot in zip(seqs, slots) if seq.next is None]
+        self._release_sync(released + ended)
+        live = [(seq, slot) for seq, slot in zip(seqs, slots) if seq.next is not None]
+        if not live:
+            return [], []
+        seqs, slots = [seq for seq, _ in live], [slot for _, slot in live]
+        try:
+            logits = self.backend.decode(slots, [s.next[0] for s in seqs], [s.next[1] for s in seqs])
+            tokens = sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+        except Exception:
+            for seq in seqs:  # the loop fails them; the step queued behind this one skips them
+                seq.next = None
+            raise
+        for seq, token in zip(seqs, tokens):
+            seq.sampled(token, seq.next[1] + 1)
+        return seqs, tokens
 
     # results, on the event loop
 
@@ -256,7 +311,7 @@ class Scheduler:
         self.metrics.generated_tokens.inc()
         text, stopped = seq.stream.push(token)
         reason = "stop" if stopped else None
-        if not stopped and (token == self.eos_id or len(seq.tokens) >= seq.req.max_new_tokens):
+        if not stopped and seq.ends(token, len(seq.tokens)):
             rest, stopped = seq.stream.flush()
             text += rest
             reason = "stop" if stopped else "eos" if token == self.eos_id else "length"
@@ -272,8 +327,7 @@ class Scheduler:
         seq.finished = True
         if seq.slot is not None:
             del self.running[seq.slot]
-            if seq.prefilled:
-                self.to_release.append(seq.slot)
+            self.to_release.append(seq.slot)
             self.free.append(seq.slot)
             seq.slot = None
         self.metrics.finished.labels(reason).inc()

@@ -241,6 +241,32 @@ def test_concurrent_streams_are_batched_and_correct(server, reference):
     assert mean_batch > 8
 
 
+def test_streams_ending_at_different_steps_of_a_batch_equal_their_runs_alone(server, stub, reference):
+    """A stop string, max_new_tokens and the context end streams while the rest of the batch goes on (and the
+    next decode step is already queued): each stream equals its run alone and in-process generation."""
+    sampled = dict(prompt="Batch stop", max_new_tokens=60, temperature=1.0, top_k=40, seed=11)
+    full_texts, full_ids, _ = collect(stub, **sampled)
+    full = "".join(full_texts)
+    stopping = dict(sampled, stop=[full[15:18]])
+    alone_texts, alone_ids, _ = collect(stub, **stopping)
+    others = [dict(prompt=f"other {i}", max_new_tokens=n, temperature=0.9 * (i % 2), seed=i)
+              for i, n in enumerate([1, 2, 3, 9, 31, 64])]
+    others.append(dict(prompt="y" * (CONTEXT - 11), max_new_tokens=0))  # up to the context: 10 tokens
+
+    async def run():
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            s = pb_grpc.TextGenerationStub(channel)
+            return await asyncio.gather(*(stream_async(s, pb.GenerateRequest(**r)) for r in [stopping, *others]))
+
+    (_, ids, text), *rest = asyncio.run(run())
+    assert (ids, text) == (alone_ids, "".join(alone_texts))
+    assert text == full[:full.index(full[15:18])] and ids == full_ids[:len(ids)] and len(ids) < len(full_ids)
+    for r, (_, ids, text) in zip(others, rest):
+        params = {k: v for k, v in r.items() if k not in ("prompt", "max_new_tokens")}
+        assert ids == reference_ids(reference, r["prompt"], r["max_new_tokens"] or 10, **params), r
+        assert text == reference[1].decode(ids)
+
+
 def test_same_seed_same_output_under_load(server, stub):
     req = dict(prompt="Seeded", max_new_tokens=48, temperature=1.0, top_p=0.9, seed=42)
     _, alone, _ = collect(stub, **req)
