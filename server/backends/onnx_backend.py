@@ -14,6 +14,7 @@ Prefilled prompts wait on the host ("parked") until the next decode step takes t
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,8 @@ class OnnxBackend:
 
     def _next_buffers(self, shape: tuple[int, ...]) -> list[np.ndarray]:
         """Views of the spare host buffer set, shaped (n, nh, P, hs): contiguous, as ORT needs them."""
-        views = [b[:int(np.prod(shape))].reshape(shape) for b in self.buffers[self.spare]]
+        size = math.prod(shape)  # not np.prod: this runs 2 x n_layer times a step
+        views = [b[:size].reshape(shape) for b in self.buffers[self.spare]]
         self.spare ^= 1
         return views
 
@@ -156,7 +158,7 @@ class OnnxBackend:
         else:
             present = self._next_buffers(shape)
             for name, a in zip(self.present_names, present):
-                io.bind_output(name, "cpu", 0, np.float32, list(shape), a.ctypes.data)
+                io.bind_output(name, "cpu", 0, np.float32, shape, a.ctypes.data)
         self.session.run_with_iobinding(io)
         logits, *outputs = io.get_outputs()
         if present is None:
