@@ -9,24 +9,27 @@ hs head size):
 Rows of a batch may hold sequences of different lengths: pad the past anywhere with attention_mask 0 and give
 each token its real position in position_ids. logits_index is GPT.forward's `logits_at`: a prefill asks for its
 last position only and skips a (T, C) x (C, V) matmul; pass arange(T) for every position.
+
+The graph holds ONNX Runtime's fused operators (domain com.microsoft: MultiHeadAttention,
+SkipLayerNormalization), so it runs on ONNX Runtime (CPU or CUDA provider), not on any ONNX runtime.
 """
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.export import Dim
 
 from ulm.model import GPT, Block
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # external weights: one convention for every model size
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 20  # GELU is one Gelu node (opset 18 spells it out in 8), which ORT fuses with its bias
 MIN_OPSET = 17  # LayerNormalization
 
 
@@ -43,7 +46,11 @@ def present_names(n_layer: int) -> list[str]:
 
 
 class OnnxGPT(nn.Module):
-    """GPT forward over explicit past keys/values, built from the model's own modules (no copied weights)."""
+    """GPT forward over explicit past keys/values, built from the model's own modules (no copied weights).
+
+    Attention and each residual Add + LayerNorm are ONNX Runtime's fused operators (see ort_op): export only,
+    in eager mode their outputs are placeholders.
+    """
 
     def __init__(self, model: GPT):
         super().__init__()
@@ -61,36 +68,68 @@ class OnnxGPT(nn.Module):
         query_idx = torch.arange(S - T, S, device=input_ids.device)[:, None]  # (T, 1)
         real = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         mask = (key_idx <= query_idx) & (real | (key_idx == query_idx))  # (B, 1, T, S)
+        # Additive, built once for every layer. Finite, as transformers' masks: a fused GPU kernel that keeps a
+        # running row maximum must never compute -inf - (-inf).
+        attn_bias = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
         present: list[torch.Tensor] = []
-        for i, block in enumerate(m.blocks):
-            x = block_forward(block, x, past[2 * i], past[2 * i + 1], mask, present)
-        x = torch.gather(x, 1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
-        return (m.lm_head(m.ln_f(x)), *present)
+        blocks = m.blocks
+        h = blocks[0].ln_1(x) if blocks[0].norm_first else x
+        for i, block in enumerate(blocks):
+            next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else m.ln_f
+            h, x = block_forward(block, h, x, next_ln, past[2 * i], past[2 * i + 1], attn_bias, present)
+        h = torch.gather(h, 1, logits_index[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, K, C)
+        return (m.lm_head(h), *present)
 
 
-def block_forward(block: Block, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor,
-                  present: list[torch.Tensor]) -> torch.Tensor:
-    """Block.forward, with the attention's keys/values appended to the past (and to `present`)."""
+def block_forward(block: Block, h: torch.Tensor, x: torch.Tensor, next_ln: nn.Module, past_k: torch.Tensor,
+                  past_v: torch.Tensor, attn_bias: torch.Tensor, present: list[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block.forward on the residual stream x, the attention's keys/values appended to the past (and to
+    `present`); returns (h, x) for the next block.
+
+    Pre-norm: h = ln_1(x) comes in, (next_ln(x'), x') goes out, next_ln being the next block's ln_1 or ln_f:
+    a residual Add, the bias before it and the LayerNorm after it are one SkipLayerNormalization (ORT fuses
+    Add + LayerNormalization itself only where the LayerNorm is the sum's one reader: never in a residual stream).
+    Post-norm: h is x.
+    """
+    a, mlp = block.attn, block.mlp
 
     def attn(h: torch.Tensor) -> torch.Tensor:
-        a = block.attn
         B, T, C = h.shape
-        q, k, v = a.in_proj(h).split(C, dim=2)
-        q, k, v = a.heads(q), a.heads(k), a.heads(v)  # (B, nh, T, hs)
-        k = torch.cat([past_k, k], dim=2)  # (B, nh, P+T, hs)
-        v = torch.cat([past_v, v], dim=2)
+        q, k, v = F.linear(h, a.in_proj.weight).split(C, dim=2)  # its bias is added in the attention node
+        kv_shape = (B, a.n_head, past_k.shape[2] + T, C // a.n_head)
+        # Concat with the past, scaled q k^T + attn_bias, softmax, @ v and the head transposes: one node
+        y, k, v = ort_op("MultiHeadAttention", [q, k, v, a.in_proj.bias, None, attn_bias, past_k, past_v],
+                         {"num_heads": a.n_head}, [h.shape, kv_shape, kv_shape])
         present.extend((k, v))
-        # Attention as plain matmuls, not SDPA: ONNX Runtime then folds the key transpose into the MatMul
-        # instead of re-transposing the whole key cache every step (batch-16 decode ~20% faster).
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))  # (B, nh, T, P+T)
-        y = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, nh, T, hs)
-        return a.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        return F.linear(y, a.out_proj.weight)
+
+    def ff(h: torch.Tensor) -> torch.Tensor:  # ORT fuses fc's bias into the Gelu (opset >= 20) or the int8 MatMul
+        return F.linear(mlp.act(mlp.fc(h)), mlp.proj.weight)
 
     if block.norm_first:
-        x = x + attn(block.ln_1(x))
-        return x + block.mlp(block.ln_2(x))
-    x = block.ln_1(x + attn(x))
-    return block.ln_2(x + block.mlp(x))
+        h, x = skip_layer_norm(attn(h), x, a.out_proj.bias, block.ln_2)
+        return skip_layer_norm(ff(h), x, mlp.proj.bias, next_ln)
+    x = skip_layer_norm(attn(x), x, a.out_proj.bias, block.ln_1)[0]
+    x = skip_layer_norm(ff(x), x, mlp.proj.bias, block.ln_2)[0]
+    return x, x
+
+
+def skip_layer_norm(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, ln: nn.Module
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ln(s), s) for s = x + y + bias."""
+    stats = (*x.shape[:-1], 1)  # mean and 1/std: outputs 1 and 2, which the CPU kernel does not write
+    out, _, _, s = ort_op("SkipLayerNormalization", [y, x, ln.weight, ln.bias, bias], {"epsilon": ln.eps},
+                          [x.shape, stats, stats, x.shape])
+    return out, s
+
+
+def ort_op(name: str, inputs: list[torch.Tensor | None], attrs: dict, shapes: list) -> list[torch.Tensor]:
+    """A node of ONNX Runtime's contrib operators (com.microsoft, CPU and CUDA kernels) with float32 outputs of
+    these shapes. Used where ORT's graph optimizer does not fuse what the exporter writes (the attention with
+    its past and padding mask, the pre-norm residual stream); None skips an optional input."""
+    return torch.onnx.ops.symbolic_multi_out(f"com.microsoft::{name}", inputs, attrs,
+                                             dtypes=[torch.float32] * len(shapes), shapes=shapes, version=1)
 
 
 def example_inputs(model: GPT, batch: int = 2, past: int = 3, new: int = 4) -> tuple[torch.Tensor, ...]:

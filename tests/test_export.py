@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,21 @@ def test_graph_signature_has_dynamic_axes(exported, model):
     assert shapes["logits"] == ["batch", "num_logits", model.config.vocab_size]
     # the weights live in the external data file, not in the graph
     assert (exported[0] / "model.onnx.data").stat().st_size > 4 * model.num_params() * 0.9
+
+
+def test_optimized_graph_is_fused(exported, model, tmp_path):
+    """Per layer, ONNX Runtime runs 4 MatMuls, one MultiHeadAttention (past, mask and q/k/v bias included), two
+    SkipLayerNormalizations (residual Add + bias + LayerNorm) and one FastGelu (with fc's bias)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(exported[0] / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+    n = model.config.n_layer
+    assert (ops["MultiHeadAttention"], ops["SkipLayerNormalization"], ops["FastGelu"]) == (n, 2 * n, n)
+    assert ops["MatMul"] == 4 * n + 1  # the Linear layers and the output layer
+    assert ops["Add"] == 1  # the embeddings' sum: every bias and residual Add is inside a fused node
+    assert not {"Concat", "Transpose", "Softmax", "Tanh"} & ops.keys()
 
 
 @torch.inference_mode()
@@ -200,6 +217,7 @@ def test_int8_is_smaller_and_keeps_perplexity(quantized):
     g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     ops = {n.op_type for n in g.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert {"MultiHeadAttention", "SkipLayerNormalization"} <= ops  # quantization keeps the fused operators
     ppl = q["perplexity"]
     assert ppl["tokens"] > 10_000
     assert ppl["float32"] < 4.0, "the fp32 model should have learned the grammar"
