@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--rounds", type=int, default=3, help="each round runs every concurrency level once")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="server threads (and the in-process baseline's); default: the server's, cores - 1")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="server threads (and the in-process baseline's); default: the server's, one per core")
     p.add_argument("--max-batch", type=int, help="server slots (default: the server's)")
     p.add_argument("--out", default=str(BENCH_DIR / "serving.json"))
     p.add_argument("--cache", default=str(BENCH_DIR), help="where preset checkpoints and ONNX exports are kept")
