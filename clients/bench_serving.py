@@ -176,7 +176,7 @@ class InProcess:
         from server.backends.base import warmup
 
         set_threads(threads)
-        self.backend = load_backend(kind, directory, "cpu", max_batch or 32)
+        self.backend = load_backend(kind, directory, "cpu", max_batch or 32, serving=True)  # as the server does
         warmup(self.backend)
         self.steps, self.prompt_len = steps, len(self.backend.tokenizer.encode(prompt))
 

@@ -141,6 +141,10 @@ def test_backend_attributes_and_registry(export_dir, checkpoint):
     ref = TorchBackend(checkpoint, "cpu", 1)
     assert b.num_params == ref.num_params and b.config == ref.config
     assert b.tokenizer.encode("abc") == ref.tokenizer.encode("abc")
+    spinning = "session.intra_op.allow_spinning"
+    assert b.session.get_session_options().get_session_config_entry(spinning) == "1"
+    served = load_backend("onnx", export_dir, "cpu", 3, serving=True)  # the server's pool threads sleep
+    assert served.session.get_session_options().get_session_config_entry(spinning) == "0"
 
 
 def test_cuda_request_logs_the_provider_in_use(export_dir, caplog):

@@ -31,7 +31,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", max_batch: int = 32,
-                 threads: int | None = None):
+                 threads: int | None = None, spin: bool = True):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if max_batch < 1:
@@ -44,7 +44,7 @@ class OnnxBackend:
                              "fp32 on the CUDA provider. Serve it with --device cpu, or export without --quantize "
                              "for CUDA")
         # intra-op threads: the server's --threads (it sets torch's count), so one flag sizes either backend
-        self.session = create_session(d / MODEL_FILE, device, threads or torch.get_num_threads())
+        self.session = create_session(d / MODEL_FILE, device, threads or torch.get_num_threads(), spin)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         if device == "cuda" and self.device != "cuda":

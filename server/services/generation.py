@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import os
 import time
@@ -69,7 +70,8 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         # cores: half the inter-token latency and 1.3-1.6x the tokens/s at 16 streams of leaving it a core)
         threads = a.threads or len(os.sched_getaffinity(0))
         await loop.run_in_executor(executor, torch.set_num_threads, threads)  # OpenMP's setting is per thread
-        backend = await loop.run_in_executor(executor, load_backend, a.backend, a.checkpoint, a.device, a.max_batch)
+        load = functools.partial(load_backend, a.backend, a.checkpoint, a.device, a.max_batch, serving=True)
+        backend = await loop.run_in_executor(executor, load)
         await loop.run_in_executor(executor, warmup, backend)
         self.backend = backend
         self.scheduler = Scheduler(backend, a.max_queue, self.metrics, executor)
