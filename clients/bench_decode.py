@@ -196,7 +196,7 @@ def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, sh
     for g in goals:
         unit = "%" if "roofline" in g["name"] else "x"
         scale = 100 if unit == "%" else 1
-        print(f"  {g['name']}: {scale * g['value']:.{0 if unit == '%' else 2}f}{unit} "
+        print(f"  {g['name']}: {scale * g['value']:.{1 if unit == '%' else 2}f}{unit} "
               f"(target >= {scale * g['target']:g}{unit}: {'met' if g['met'] else 'NOT met'})")
 
 
