@@ -219,6 +219,7 @@ def plot(results: list[dict], batch: int, path: Path) -> Path:
                        label="roofline (weight bytes / bandwidth)")
             if key == "ms_per_token":
                 ax.bar_label(bars, [f"{100 * r['fraction_of_roofline']:.0f}%" for r in rows], fontsize=8)
+            ax.set_ylim(0, 1.25 * max(r[k] for r in rows for k in (key, roof)))  # room for the legend
             ax.set_title(f"{run['preset']}: {title}", fontsize=10)
             ax.grid(True, axis="y", alpha=0.3)
             ax.legend(fontsize=8)
