@@ -138,12 +138,15 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int = 0) -> list[float]:
     """Prefill `batch` prompts, then `steps` greedy decode steps over all of them through the backend interface
-    the server drives. Returns each step's seconds (argmax included, as the scheduler samples every step)."""
+    the server drives, sampling on the torch threads the server gives this backend. Returns each step's seconds
+    (argmax included, as the scheduler samples every step)."""
     if prompt_len + steps + 1 > backend.config.block_size:
         raise ValueError(f"prompt ({prompt_len}) + steps ({steps}) exceed the context ({backend.config.block_size})")
     slots = list(range(batch))
     prompts = random_prompts(batch, prompt_len, backend.tokenizer.vocab_size, seed)
     times = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(backend.torch_threads or threads)
     try:
         logits = backend.prefill(slots, prompts)
         for i in range(steps):
@@ -154,6 +157,7 @@ def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int
         for s in slots:
             with contextlib.suppress(KeyError):
                 backend.release(s)
+        torch.set_num_threads(threads)
     return times
 
 

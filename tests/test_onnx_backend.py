@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -207,10 +208,21 @@ def test_grpc_greedy_streams_identical_to_torch_backend(checkpoint, export_dir):
             with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: continuous batching with joins/leaves
                 return info, list(pool.map(one, enumerate(prompts)))
 
+    def serving(server):  # the generation service: its backend and its scheduler's model thread
+        return next(svc for svc in server.app.services if hasattr(svc, "scheduler"))
+
+    def model_thread_torch_threads(server) -> int:
+        return serving(server).scheduler.executor.submit(torch.get_num_threads).result()
+
+    cores = len(os.sched_getaffinity(0))
     with InProcessServer(["--checkpoint", str(export_dir), "--backend", "onnx", "--max-batch", "4"]) as s:
         info, onnx_out = generate_all(s)
+        # ORT runs the model on every core; torch only samples, on one thread that never spins beside ORT's
+        assert serving(s).backend.session.get_session_options().intra_op_num_threads == cores
+        assert model_thread_torch_threads(s) == 1
     assert (info.backend, info.device, info.dtype) == ("onnx", "cpu", "float32")
     with InProcessServer(["--checkpoint", str(checkpoint), "--max-batch", "4"]) as s:
         _, torch_out = generate_all(s)
+        assert model_thread_torch_threads(s) == cores
     assert onnx_out == torch_out
     assert all(ids for ids, _ in onnx_out)

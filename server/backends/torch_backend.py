@@ -15,6 +15,7 @@ from ulm.model import KVCache
 
 class TorchBackend:
     name = "torch"
+    torch_threads = None  # the model's own
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", max_batch: int = 32):
         if device == "cuda" and not torch.cuda.is_available():

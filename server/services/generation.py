@@ -72,6 +72,8 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         await loop.run_in_executor(executor, torch.set_num_threads, threads)  # OpenMP's setting is per thread
         load = functools.partial(load_backend, a.backend, a.checkpoint, a.device, a.max_batch, serving=True)
         backend = await loop.run_in_executor(executor, load)
+        if backend.torch_threads:  # for sampling, once the backend has sized its own threads
+            await loop.run_in_executor(executor, torch.set_num_threads, backend.torch_threads)
         await loop.run_in_executor(executor, warmup, backend)
         self.backend = backend
         self.scheduler = Scheduler(backend, a.max_queue, self.metrics, executor)
