@@ -51,7 +51,11 @@ _BUFFER: dict[int, torch.Tensor] = {}
 
 def memory_bandwidth(mib: int = 512, repeats: int = 7) -> float:
     """Read bandwidth in GB/s: the median time of summing a buffer far larger than any cache, with torch's
-    current thread count (the roofline of a decode step, which reads every weight once)."""
+    current thread count (the roofline of a decode step, which reads every weight once).
+
+    It waits first for the idle threads of the run before it to stop spinning: ONNX Runtime's spin for tens of
+    ms after a run, and sampled among them this machine read at ~35 GB/s instead of 55-75."""
+    time.sleep(0.1)
     if mib not in _BUFFER:
         _BUFFER[mib] = torch.ones(mib * 2**20 // 4)
     x = _BUFFER[mib]
