@@ -12,7 +12,7 @@ BACKENDS: dict[str, str] = {
     "onnx": "server.backends.onnx_backend:OnnxBackend",
 }
 # Options for a backend inside the server, where the event loop and gRPC's threads share the cores: ONNX
-# Runtime's pool threads sleep when idle (see export.runtime.create_session: batches get faster too).
+# Runtime's pool threads sleep when idle (see export.runtime.create_session: the first token comes sooner).
 SERVING_OPTIONS: dict[str, dict] = {"onnx": {"spin": False}}
 
 
