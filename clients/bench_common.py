@@ -46,26 +46,47 @@ def machine() -> dict:
 
 # -- memory bandwidth --------------------------------------------------------------------------------------
 
-_BUFFER: dict[int, torch.Tensor] = {}
+_BUFFER: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def memory_bandwidth(mib: int = 512, repeats: int = 7) -> float:
+def memory_bandwidth(mib: int = 512, repeats: int = 7, device: str = "cpu") -> float:
     """Read bandwidth in GB/s: the median time of summing a buffer far larger than any cache, with torch's
-    current thread count (the roofline of a decode step, which reads every weight once).
+    current thread count (the roofline of a decode step, which reads every weight once); on "cuda", the GPU's.
 
     It waits first for the idle threads of the run before it to stop spinning: ONNX Runtime's spin for tens of
     ms after a run, and sampled among them this machine read at ~35 GB/s instead of 55-75."""
     time.sleep(0.1)
-    if mib not in _BUFFER:
-        _BUFFER[mib] = torch.ones(mib * 2**20 // 4)
-    x = _BUFFER[mib]
+    if (mib, device) not in _BUFFER:
+        _BUFFER[mib, device] = torch.ones(mib * 2**20 // 4, device=device)
+    x = _BUFFER[mib, device]
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     x.sum()  # fault the pages in, warm the threads
+    sync()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         x.sum()
+        sync()
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def check_device(device: str, backends: list[str]) -> list[str]:
+    """The backend labels that run on `device`: int8 exports are for the CPU (the ONNX backend refuses them
+    on CUDA). ValueError when CUDA is asked for and torch sees none."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return backends
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    cpu_only = [b for b in backends if BACKENDS.get(b, (None, None))[1] == "int8"]
+    if cpu_only:
+        print(f"skipping {', '.join(cpu_only)} on cuda: int8 exports are for the CPU", flush=True)
+    left = [b for b in backends if b not in cpu_only]
+    if not left:
+        raise ValueError("--device cuda: none of the backends asked for runs on cuda")
+    return left
 
 
 # -- checkpoints and exports -------------------------------------------------------------------------------

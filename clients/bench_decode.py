@@ -3,15 +3,17 @@ machine's memory read bandwidth, measured here with the same threads), and again
 
   python -m clients.bench_decode [--presets toy,gpt2-small] [--checkpoint DIR]
                                  [--backends torch,onnx-fp32,onnx-int8,transformers] [--steps 32] [--batch 16]
-                                 [--prompt-len 16] [--repeats 3] [--threads N] [--out build/bench/decode.json]
-                                 [--cache build/bench]
+                                 [--prompt-len 16] [--repeats 3] [--threads N] [--device cpu|cuda]
+                                 [--out build/bench/decode.json] [--cache build/bench]
 
 Random-init checkpoints of the presets are written under build/bench/checkpoints (or pass --checkpoint); ONNX
 exports of them are made once and cached. Each backend decodes through the interface the server drives
 (prefill, then one batched decode step per token, greedy): ms per token at batch 1 and aggregate tokens/s at
 --batch. transformers (when installed) runs GPT2LMHeadModel.generate() on the same weights, converted from
 the checkpoint and checked against it. Repeats are interleaved with bandwidth samples; figures are medians
-(the table also shows the spread of % roofline over rounds). Writes JSON and a PNG plot next to it.
+(the table also shows the spread of % roofline over rounds). Writes JSON and a PNG plot next to it. With
+--device cuda the roofline is the GPU's (its bandwidth, measured the same way) and the int8 export, which is
+for the CPU, is skipped.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from clients.bench_common import (BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, memory_bandwidth,
-                                  parse_list, random_prompts, set_threads, time_decode, weight_bytes, write_json)
+from clients.bench_common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine,
+                                  memory_bandwidth, parse_list, random_prompts, set_threads, time_decode,
+                                  weight_bytes, write_json)
 from ulm.config import GPT_PRESETS, gpt_preset
 
 HF = "transformers"
@@ -76,12 +79,14 @@ def hf_gpt2(model):
 def time_hf(hf, batch: int, steps: int, prompt_len: int) -> float:
     """Seconds per decode step of generate() (greedy): a run of steps + 1 new tokens minus a run of 1 (its
     prefill and first token)."""
-    ids = torch.tensor(random_prompts(batch, prompt_len, hf.config.vocab_size))
+    ids = torch.tensor(random_prompts(batch, prompt_len, hf.config.vocab_size), device=hf.device)
     mask = torch.ones_like(ids)
 
     def run(n: int) -> float:
         t = time.perf_counter()
         hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     run(2)  # warm-up
@@ -101,13 +106,14 @@ class Runner:
         self.label, self.args = label, args
         if label == HF:
             model = load_checkpoint(checkpoint)[0]
-            self.hf, cfg, directory = hf_gpt2(model), model.config, checkpoint
+            self.hf, cfg, directory = hf_gpt2(model).to(args.device), model.config, checkpoint
+            self.device = args.device
             del model
         else:
             kind, directory = backend_dir(label, checkpoint, Path(args.cache))
-            self.backend = load_backend(kind, directory, "cpu", max_batch=args.batch)
+            self.backend = load_backend(kind, directory, args.device, max_batch=args.batch)
             warmup(self.backend)
-            cfg = self.backend.config
+            cfg, self.device = self.backend.config, self.backend.device  # ONNX falls back to the CPU
         self.config = cfg
         self.weight_bytes = weight_bytes("torch" if label == HF else label, directory, cfg)
 
@@ -126,9 +132,9 @@ def measure(runners: dict[str, Runner], args) -> dict[str, list[dict]]:
     for r in range(args.repeats):
         for label, runner in runners.items():
             print(f"  round {r + 1}/{args.repeats}: {label}", flush=True)
-            before = memory_bandwidth()
+            before = memory_bandwidth(device=runner.device)
             b1 = runner.step_s(1)
-            bw = (before + memory_bandwidth()) / 2
+            bw = (before + memory_bandwidth(device=runner.device)) / 2
             rounds[label].append({"bandwidth_gbps": bw, "s_per_token_b1": b1,
                                   "s_per_step_batch": runner.step_s(args.batch),
                                   "fraction_of_roofline": runner.weight_bytes / bw / 1e9 / b1})
@@ -138,8 +144,9 @@ def measure(runners: dict[str, Runner], args) -> dict[str, list[dict]]:
 def summary(label: str, runner: Runner, rounds: list[dict], batch: int) -> dict:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     roofline_ms = runner.weight_bytes / med["bandwidth_gbps"] / 1e6
-    return {"backend": label, "weight_bytes": runner.weight_bytes, "bandwidth_gbps": med["bandwidth_gbps"],
-            "roofline_ms": roofline_ms, "ms_per_token": 1e3 * med["s_per_token_b1"],
+    return {"backend": label, "device": runner.device, "weight_bytes": runner.weight_bytes,
+            "bandwidth_gbps": med["bandwidth_gbps"], "roofline_ms": roofline_ms,
+            "ms_per_token": 1e3 * med["s_per_token_b1"],
             "fraction_of_roofline": med["fraction_of_roofline"],
             "fraction_of_roofline_range": [min(r["fraction_of_roofline"] for r in rounds),
                                            max(r["fraction_of_roofline"] for r in rounds)], "batch": batch,
@@ -181,18 +188,20 @@ def gpt2_small_shape(cfg) -> bool:
     return all(getattr(cfg, k) == getattr(ref, k) for k in ("vocab_size", "n_layer", "n_head", "n_embd", "d_ff"))
 
 
-def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, shaped: bool) -> None:
-    print(f"\n{preset}: {torch.get_num_threads()} thread(s), load average {machine()['load_avg_1m']}; medians over "
-          f"rounds; roofline = weight bytes / memory read bandwidth measured around each run")
-    print(f"{'backend':<13}{'weights MB':>11}{'GB/s':>6}{'roofline ms':>12}{'ms/token':>10}{'% roofline':>11}"
-          f"{'(rounds)':>11}{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")
+def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, shaped: bool, device: str) -> None:
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} thread(s)"
+    print(f"\n{preset}: {where}, load average {machine()['load_avg_1m']}; medians over rounds; roofline = weight "
+          f"bytes / memory read bandwidth measured around each run")
+    print(f"{'backend':<13}{'device':>7}{'weights MB':>11}{'GB/s':>6}{'roofline ms':>12}{'ms/token':>10}"
+          f"{'% roofline':>11}{'(rounds)':>11}{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")
     for r in rows.values():
         lo, hi = (round(100 * f) for f in r["fraction_of_roofline_range"])
-        print(f"{r['backend']:<13}{r['weight_bytes'] / 1e6:>11.1f}{r['bandwidth_gbps']:>6.1f}{r['roofline_ms']:>12.2f}"
-              f"{r['ms_per_token']:>10.2f}{100 * r['fraction_of_roofline']:>10.0f}%{f'{lo}-{hi}%':>11}"
+        print(f"{r['backend']:<13}{r['device']:>7}{r['weight_bytes'] / 1e6:>11.1f}{r['bandwidth_gbps']:>6.1f}"
+              f"{r['roofline_ms']:>12.2f}{r['ms_per_token']:>10.2f}{100 * r['fraction_of_roofline']:>10.0f}%"
+              f"{f'{lo}-{hi}%':>11}"
               f"{r['tokens_per_s_batch']:>12.0f}{r['roofline_tokens_per_s_batch']:>14.0f}")
-    if not shaped:
-        print("  (the targets are set for the GPT-2-small shape; shown for reference)")
+    if not shaped or device != "cpu":
+        print("  (the targets are set for the GPT-2-small shape on a 2-core CPU; shown for reference)")
     for g in goals:
         unit = "%" if "roofline" in g["name"] else "x"
         scale = 100 if unit == "%" else 1
@@ -239,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's, one per core)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the int8 export is skipped on cuda)")
     p.add_argument("--out", default=str(BENCH_DIR / "decode.json"))
     p.add_argument("--cache", default=str(BENCH_DIR), help="where preset checkpoints and ONNX exports are kept")
     return p
@@ -249,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backends = parse_list(args.backends, choices=[*BACKENDS, HF], name="backends")
         presets = [] if args.checkpoint else parse_list(args.presets, choices=list(GPT_PRESETS), name="presets")
+        backends = check_device(args.device, backends)
         for name in ("steps", "batch", "prompt_len", "repeats"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = {label: summary(label, runners[label], rounds[label], args.batch) for label in backends}
             goals = targets(rounds, args.batch)
             shaped = gpt2_small_shape(next(iter(runners.values())).config)
-            report(name, rows, goals, args.batch, shaped)
+            report(name, rows, goals, args.batch, shaped, args.device)
             results.append({"preset": name, "checkpoint": str(ckpt), "gpt2_small_shape": shaped,
                             "backends": list(rows.values()), "targets": goals})
             del runners
@@ -277,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"bench_decode: error: {e}", file=sys.stderr)
         return 2
-    out = write_json(Path(args.out), {"machine": machine(), "steps": args.steps, "batch": args.batch,
-                                      "prompt_len": args.prompt_len, "repeats": args.repeats, "results": results})
+    out = write_json(Path(args.out), {"machine": machine(), "device": args.device, "steps": args.steps,
+                                      "batch": args.batch, "prompt_len": args.prompt_len, "repeats": args.repeats,
+                                      "results": results})
     png = plot(results, args.batch, out.with_suffix(".png"))
     print(f"\nwrote {out} and {png}")
     return 0

@@ -2,7 +2,7 @@
 
   python -m clients.bench_serving --target HOST:PORT              # a running server
   python -m clients.bench_serving --preset gpt2-small | --checkpoint DIR [--backends torch,onnx-fp32,onnx-int8]
-      [--concurrency 1,4,16,64] [--max-new-tokens 64] [--rounds 3] [--threads N] [--max-batch N]
+      [--concurrency 1,4,16,64] [--max-new-tokens 64] [--rounds 3] [--threads N] [--max-batch N] [--device cpu|cuda]
       [--out build/bench/serving.json] [--cache build/bench]
 
 With a checkpoint (or a preset's random-init one) the script starts one server per backend in turn
@@ -32,8 +32,8 @@ import grpc
 
 from clients.api.ulm.v1 import text_generation_pb2 as pb
 from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from clients.bench_common import (BACKENDS, BENCH_DIR, ROOT, backend_dir, ensure_checkpoint, machine, parse_list, pct,
-                                  set_threads, time_decode, write_json)
+from clients.bench_common import (BACKENDS, BENCH_DIR, ROOT, backend_dir, check_device, ensure_checkpoint, machine,
+                                  parse_list, pct, set_threads, time_decode, write_json)
 
 PROMPT = "Once upon a time"
 GRPC_OVERHEAD, SCALING = 0.10, 6.0  # targets: streaming cost over in-process at batch 1; 16 streams vs 1
@@ -133,10 +133,10 @@ async def sweep(target: str, levels: list[int], max_new_tokens: int, prompt: str
 class Server:
     """`python -m server` on a free loopback port, logging to a file; stopped with SIGTERM."""
 
-    def __init__(self, kind: str, directory: Path, threads: int, max_batch: int | None, log: Path):
+    def __init__(self, kind: str, directory: Path, device: str, threads: int, max_batch: int | None, log: Path):
         self.log = log
         args = [sys.executable, "-m", "server", "--backend", kind, "--checkpoint", str(directory), "--port", "0",
-                "--threads", str(threads), "--log-level", "INFO"]
+                "--device", device, "--threads", str(threads), "--log-level", "INFO"]
         if max_batch:
             args += ["--max-batch", str(max_batch)]
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -171,12 +171,13 @@ class Server:
 class InProcess:
     """The same backend in this process, with the server's threads: seconds per decode step at batch 1."""
 
-    def __init__(self, kind: str, directory: Path, threads: int, max_batch: int | None, steps: int, prompt: str):
+    def __init__(self, kind: str, directory: Path, device: str, threads: int, max_batch: int | None, steps: int,
+                 prompt: str):
         from server.backends import load_backend
         from server.backends.base import warmup
 
         set_threads(threads)
-        self.backend = load_backend(kind, directory, "cpu", max_batch or 32, serving=True)  # as the server does
+        self.backend = load_backend(kind, directory, device, max_batch or 32, serving=True)  # as the server does
         warmup(self.backend)
         self.steps, self.prompt_len = steps, len(self.backend.tokenizer.encode(prompt))
 
@@ -271,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="server threads (and the in-process baseline's); default: the server's, one per core")
     p.add_argument("--max-batch", type=int, help="server slots (default: the server's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, for the servers started here (the int8 export "
+                   "is skipped on cuda)")
     p.add_argument("--out", default=str(BENCH_DIR / "serving.json"))
     p.add_argument("--cache", default=str(BENCH_DIR), help="where preset checkpoints and ONNX exports are kept")
     return p
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_target(args.target, levels, args))
         else:
             checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(args.preset, Path(args.cache))
-            for label in parse_list(args.backends, choices=list(BACKENDS), name="backends"):
+            for label in check_device(args.device, parse_list(args.backends, choices=list(BACKENDS), name="backends")):
                 runs.append(run_backend(label, checkpoint, levels, args))
     except (ValueError, OSError, RuntimeError, TimeoutError) as e:
         print(f"bench_serving: error: {e}", file=sys.stderr)
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_serving: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     out = Path(args.out)
-    write_json(out, {"machine": machine(), "threads": args.threads, "prompt": args.prompt, "runs": runs})
+    write_json(out, {"machine": machine(), "device": args.device, "threads": args.threads, "prompt": args.prompt,
+                     "runs": runs})
     png = plot(runs, out.with_suffix(".png"))
     print(f"wrote {out} and {png}")
     return 0
@@ -322,10 +326,12 @@ def run_target(target: str, levels: list[int], args, label: str | None = None, i
 
 def run_backend(label: str, checkpoint: Path, levels: list[int], args) -> dict:
     kind, directory = backend_dir(label, checkpoint, Path(args.cache))
-    print(f"{label}: starting a server ({args.threads} thread(s)) and loading the backend here too ...", flush=True)
-    server = Server(kind, directory, args.threads, args.max_batch, Path(args.out).parent / f"server-{label}.log")
+    print(f"{label}: starting a server ({args.device}, {args.threads} thread(s)) and loading the backend here too ...",
+          flush=True)
+    log = Path(args.out).parent / f"server-{label}.log"
+    server = Server(kind, directory, args.device, args.threads, args.max_batch, log)
     try:
-        local = InProcess(kind, directory, args.threads, args.max_batch, args.max_new_tokens, args.prompt)
+        local = InProcess(kind, directory, args.device, args.threads, args.max_batch, args.max_new_tokens, args.prompt)
         run = run_target(server.target, levels, args, label, local)
     finally:
         server.stop()

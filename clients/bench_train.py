@@ -1,7 +1,8 @@
 """Training throughput: median ms/iteration and tokens/s of the real trainer (`ulm.train.train`).
 
   python -m clients.bench_train [--preset shakespeare-char] [--dataset DIR] [--iters 100] [--warmup 10]
-                                [--set KEY=VALUE ...] [--naive]
+                                [--set KEY=VALUE ...] [--device auto|cpu|cuda] [--naive]
+                                [--out build/bench/train.json]
 
 Task "lm" presets need a dataset; without --dataset a character-level one is built (in a temporary folder)
 from ../shared/data/tinyshakespeare.txt. --naive times a plain loop for comparison (default threads,
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from clients.bench_common import BENCH_DIR, machine, write_json
 from ulm.model import GPT
 from ulm.train import load_data, lm_loss, read_metrics, train
 from ulm.train_config import build_config
@@ -46,21 +49,41 @@ def naive_ms(cfg, data, iters: int, warmup: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clients.bench_train", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="shakespeare-char")
     p.add_argument("--dataset")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    p.add_argument("--naive", action="store_true", help="time a plain training loop instead")
-    args = p.parse_args()
+    p.add_argument("--device", help="the trainer's device: auto (CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--naive", action="store_true", help="time a plain training loop instead (on the CPU)")
+    p.add_argument("--out", default=str(BENCH_DIR / "train.json"))
+    args = p.parse_args(argv)
+    try:
+        if args.iters < 1 or args.warmup < 0:
+            raise ValueError("--iters must be >= 1 and --warmup >= 0")
+        result = measure(args)
+    except (ValueError, OSError) as e:
+        print(f"bench_train: error: {e}", file=sys.stderr)
+        return 2
+    ms = result["ms_per_iter"]
+    print(f"{args.preset} ({result['label']}): median {ms:.2f} ms/iteration, {result['tokens_per_s']:,.0f} tokens/s "
+          f"(p10 {result['p10_ms']:.2f}, p90 {result['p90_ms']:.2f} ms; {args.iters} iterations)")
+    print(f"wrote {write_json(Path(args.out), {'machine': machine(), 'preset': args.preset, **result})}")
+    return 0
 
+
+def measure(args) -> dict:
+    """Train (or run the naive loop) for warmup + iters iterations in a temporary folder; the timed iterations'
+    median ms, tokens/s and spread."""
     with tempfile.TemporaryDirectory(prefix="ulm-bench-") as tmp:
-        overrides = list(args.set)
+        overrides = list(args.set) + ([f"device={args.device}"] if args.device else [])
         if build_config(args.preset, overrides=overrides).task == "lm":
             dataset = args.dataset
             if not dataset:
+                if not SHAKESPEARE.is_file():
+                    raise ValueError(f"no --dataset given and no {SHAKESPEARE} to build one from")
                 from ulm.data.build import build_dataset
 
                 dataset = str(build_dataset([SHAKESPEARE], Path(tmp) / "data", tokenizer="char", whitespace=False,
@@ -82,9 +105,9 @@ def main() -> None:
             ms = ms[args.warmup:]
             label = f"trainer, threads={cfg.threads or 'auto'} dtype={cfg.dtype} compile={cfg.compile}"
     med = statistics.median(ms)
-    print(f"{args.preset} ({label}): median {med:.2f} ms/iteration, {tokens / med * 1000:,.0f} tokens/s "
-          f"(p10 {sorted(ms)[len(ms) // 10]:.2f}, p90 {sorted(ms)[len(ms) * 9 // 10]:.2f} ms; {len(ms)} iterations)")
+    return {"label": label, "tokens_per_iter": tokens, "ms_per_iter": med, "tokens_per_s": tokens / med * 1000,
+            "p10_ms": sorted(ms)[len(ms) // 10], "p90_ms": sorted(ms)[len(ms) * 9 // 10], "iterations_ms": ms}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,14 +3,16 @@ the pieces whose correctness the figures rest on (the decode weight layout, the 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
 
-from clients import bench_decode, bench_serving
-from clients.bench_common import weight_bytes
+from clients import bench_decode, bench_serving, bench_train
+from clients.bench_common import check_device, weight_bytes
 from ulm.checkpoint import load_checkpoint
 from ulm.config import gpt_preset
+from ulm.data.build import build_dataset
 from ulm.model import GPT, KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -68,12 +70,13 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path):
     assert bench_decode.main(["--checkpoint", str(toy_checkpoint), "--backends", backends, "--steps", "4",
                               "--batch", "2", "--repeats", "1", "--out", str(out), "--cache", str(tmp_path)]) == 0
     res = json.loads(out.read_text())
-    assert res["machine"]["threads"] == 1
+    assert res["machine"]["threads"] == 1 and res["device"] == "cpu"
     (run,) = res["results"]
     assert run["gpt2_small_shape"] is False
     rows = {r["backend"]: r for r in run["backends"]}
     assert set(rows) == set(backends.split(","))
     for r in rows.values():
+        assert r["device"] == "cpu"
         assert r["ms_per_token"] > 0 and r["tokens_per_s_batch"] > 0 and r["bandwidth_gbps"] > 0
         assert len(r["rounds"]) == 1 and r["fraction_of_roofline"] == pytest.approx(
             r["weight_bytes"] / r["bandwidth_gbps"] / 1e6 / r["ms_per_token"])  # one round: its own figures
@@ -112,3 +115,41 @@ def test_bench_serving_sweeps_a_started_server(toy_checkpoint, tmp_path):
     assert [t["name"].split(": ")[1] for t in run["targets"]] == [
         "gRPC streaming cost over in-process decoding at batch 1"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_benches_refuse_cuda_without_a_gpu(toy_checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", str(toy_checkpoint), "--device", "cuda", "--cache", str(tmp_path)]
+    assert bench_decode.main([*common, "--out", str(tmp_path / "d.json")]) == 2
+    assert bench_serving.main([*common, "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--device cuda: torch sees no CUDA device") == 2
+    assert not list(tmp_path.glob("*.json"))  # nothing measured, nothing written
+
+
+def test_check_device_keeps_the_backends_a_device_runs(monkeypatch):
+    backends = ["torch", "onnx-fp32", "onnx-int8", "transformers"]
+    assert check_device("cpu", backends) == backends
+    with pytest.raises(ValueError, match="--device must be cpu or cuda"):
+        check_device("gpu", backends)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice only; nothing runs on it
+    assert check_device("cuda", backends) == ["torch", "onnx-fp32", "transformers"]  # int8 is for the CPU
+    with pytest.raises(ValueError, match="none of the backends"):
+        check_device("cuda", ["onnx-int8"])
+
+
+def test_bench_train_times_the_trainer(tmp_path, capsys, monkeypatch):
+    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question.\n" * 200)
+    ds = build_dataset([tmp_path / "corpus.txt"], tmp_path / "ds", tokenizer="char", progress=False, log=None)
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--dataset", str(ds), "--iters", "4", "--warmup", "1", "--device", "cpu", "--out",
+                             str(out), "--set", "block_size=16", "n_layer=1", "n_head=2", "n_embd=16",
+                             "batch_size=4", "threads=1"]) == 0
+    res = json.loads(out.read_text())
+    assert res["preset"] == "shakespeare-char" and res["tokens_per_iter"] == 4 * 16
+    assert len(res["iterations_ms"]) == 4 and res["ms_per_iter"] == statistics.median(res["iterations_ms"])
+    assert res["tokens_per_s"] == pytest.approx(64 / res["ms_per_iter"] * 1000)
+    assert "median" in capsys.readouterr().out
+    monkeypatch.setattr(bench_train, "SHAKESPEARE", tmp_path / "missing.txt")
+    assert bench_train.main(["--iters", "2", "--out", str(tmp_path / "none.json")]) == 2
+    assert "no --dataset given and no" in capsys.readouterr().err
