@@ -160,7 +160,8 @@ def targets(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
 
     def add(name: str, values: list[float], target: float) -> None:
         v = statistics.median(values)
-        out.append({"name": name, "value": v, "target": target, "met": v >= target})
+        out.append({"name": name, "value": v, "target": target, "met": v >= target,
+                    "rounds_met": sum(x >= target for x in values), "rounds": len(values)})
 
     def ratio(a: str, b: str, key: str) -> list[float]:
         return [x[key] / y[key] for x, y in zip(rounds[a], rounds[b])]
@@ -206,7 +207,8 @@ def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, sh
         unit = "%" if "roofline" in g["name"] else "x"
         scale = 100 if unit == "%" else 1
         print(f"  {g['name']}: {scale * g['value']:.{1 if unit == '%' else 2}f}{unit} "
-              f"(target >= {scale * g['target']:g}{unit}: {'met' if g['met'] else 'NOT met'})")
+              f"(target >= {scale * g['target']:g}{unit}: {'met' if g['met'] else 'NOT met'}; "
+              f"met in {g['rounds_met']} of {g['rounds']} rounds)")
 
 
 def plot(results: list[dict], batch: int, path: Path) -> Path:

@@ -83,7 +83,8 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path):
     assert rows["torch"]["weight_bytes"] == rows["onnx-fp32"]["weight_bytes"]
     names = [t["name"] for t in run["targets"]]
     assert "torch decode batch 1, fraction of roofline" in names
-    assert all(set(t) == {"name", "value", "target", "met"} for t in run["targets"])
+    assert all(set(t) == {"name", "value", "target", "met", "rounds_met", "rounds"} for t in run["targets"])
+    assert all(t["rounds"] == 1 and t["rounds_met"] == int(t["met"]) for t in run["targets"])  # one round
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
