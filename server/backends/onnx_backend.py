@@ -72,6 +72,8 @@ class OnnxBackend:
         self.buffers = ([[np.empty(capacity, np.float32) for _ in self.past_names] for _ in range(2)]
                         if self.device == "cpu" else None)
         self.spare = 0  # the buffer set the next present goes to
+        # CPU decode steps write their logits (n, 1, V) here: no ORT allocation, no OrtValue wrappers to fetch
+        self.logits = np.empty((max_batch, 1, cfg.vocab_size), np.float32) if self.device == "cpu" else None
 
     # -- Backend ------------------------------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class OnnxBackend:
         self.mask = mask
         for s in slots:
             self.length[s] += 1
-        return torch.from_numpy(logits[rows, -1])  # (n, V)
+        return torch.from_numpy(logits[rows, -1])  # (n, V), a copy: the next step rewrites self.logits
 
     def release(self, slot: int) -> None:
         del self.length[slot]
@@ -151,22 +153,22 @@ class OnnxBackend:
                 io.bind_cpu_input(name, value)
             else:
                 io.bind_ortvalue_input(name, value)
-        io.bind_output("logits", "cpu")
         n, P = mask.shape
         shape = (n, self.config.n_head, P, self.config.head_dim)
         if to_host or self.buffers is None:
-            present = None
+            io.bind_output("logits", "cpu")
             for name in self.present_names:  # fresh outputs every step: their shapes grow by one position
                 io.bind_output(name, "cpu" if to_host else self.device)
-        else:
-            present = self._next_buffers(shape)
-            for name, a in zip(self.present_names, present):
-                io.bind_output(name, "cpu", 0, np.float32, shape, a.ctypes.data)
+            self.session.run_with_iobinding(io)
+            logits, *outputs = io.get_outputs()
+            return logits.numpy(), [o.numpy() for o in outputs] if to_host else outputs
+        logits = self.logits[:n]
+        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        present = self._next_buffers(shape)
+        for name, a in zip(self.present_names, present):
+            io.bind_output(name, "cpu", 0, np.float32, shape, a.ctypes.data)
         self.session.run_with_iobinding(io)
-        logits, *outputs = io.get_outputs()
-        if present is None:
-            present = [o.numpy() for o in outputs] if to_host else outputs
-        return logits.numpy(), present
+        return logits, present
 
     def _rebuild(self, slots: list[int]) -> None:
         """Make `slots` (in this order) the running batch: every row compacted, right-padded to the longest."""
