@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ulm.model import GPT, KVCache
@@ -38,26 +39,46 @@ class SamplingParams:
         return g
 
 
+# top-p: the candidates are first the most likely few (topk is cheap); a full sort only when their mass falls short
+NUCLEUS_GUESS = 256
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from one row of logits (V,).
 
-    Uses one uniform draw and the inverse CDF, so a seeded sequence picks the same token even when its logits
-    differ in the last bits (as they do when the batch around it changes).
+    Uses one uniform draw and the inverse CDF over the candidates, so a seeded sequence picks the same token even
+    when its logits differ in the last bits (as they do when the batch around it changes). The candidates are the
+    vocabulary in its own order, or for top-k / top-p the most likely tokens, most likely first. They are found
+    with topk, not a full sort: torch's CPU sort takes ~3.4 ms over 50k tokens, which made 16 sampled streams
+    spend longer sampling than decoding.
     """
     if params.greedy:
         return int(logits.argmax())
     logits = logits.float() / params.temperature
+    order = None  # candidate i is token order[i] (None: token i)
     if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+        logits, order = torch.topk(logits, params.top_k)
+    probs = torch.softmax(logits, dim=-1)
     if 0.0 < params.top_p < 1.0:
-        keep = probs.cumsum(-1) - probs < params.top_p  # the smallest prefix whose mass reaches top_p
-        probs = probs * keep
-    cdf = probs.cumsum(-1)
+        order, cdf = nucleus(probs, order, params.top_p)
+    else:
+        cdf = probs.cumsum(-1)
     u = torch.rand((), generator=generator) * cdf[-1]
-    i = min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
-    return int(order[i])
+    i = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[-1] - 1)
+    return i if order is None else int(order[i])
+
+
+def nucleus(probs: torch.Tensor, order: torch.Tensor | None, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and cumulative probabilities of the top-p nucleus (the smallest set of most likely tokens whose
+    mass reaches top_p), most likely first. order: the token ids of probs when they are sorted already (top-k)."""
+    if order is None:  # the most likely few (topk is cheap); every token sorted only when they fall short
+        order = torch.topk(probs, min(NUCLEUS_GUESS, probs.shape[-1])).indices
+        if probs[order].cumsum(-1)[-1] < top_p:
+            order = torch.from_numpy(np.argsort(-probs.numpy()))  # numpy's sort is ~7x faster than torch's here
+        probs = probs[order]
+    cdf = probs.cumsum(-1)
+    n = int((cdf - probs < top_p).sum())  # a prefix: the mass before a token only grows
+    return order[:n], cdf[:n]
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
