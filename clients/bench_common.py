@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ulm.generate import SamplingParams, sample_batch
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "build" / "bench"
 BACKENDS = {"torch": ("torch", None), "onnx-fp32": ("onnx", None), "onnx-int8": ("onnx", "int8")}
@@ -161,10 +163,11 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return rng.integers(0, vocab, (n, length)).tolist()
 
 
-def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int = 0) -> list[float]:
+def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int = 0,
+                sampling: SamplingParams | None = None) -> list[float]:
     """Prefill `batch` prompts, then `steps` greedy decode steps over all of them through the backend interface
-    the server drives, sampling on the torch threads the server gives this backend. Returns each step's seconds
-    (argmax included, as the scheduler samples every step)."""
+    the server drives, sampling (greedy unless `sampling` says otherwise) as the scheduler does, on the torch
+    threads the server gives this backend. Returns each step's seconds, sampling included."""
     if prompt_len + steps + 1 > backend.config.block_size:
         raise ValueError(f"prompt ({prompt_len}) + steps ({steps}) exceed the context ({backend.config.block_size})")
     slots = list(range(batch))
@@ -173,10 +176,12 @@ def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int
     threads = torch.get_num_threads()
     torch.set_num_threads(backend.torch_threads or threads)
     try:
+        params = [sampling or SamplingParams()] * batch
+        generators = [p.make_generator() for p in params]
         logits = backend.prefill(slots, prompts)
         for i in range(steps):
             t = time.perf_counter()
-            logits = backend.decode(slots, logits.argmax(-1).tolist(), [prompt_len + i] * batch)
+            logits = backend.decode(slots, sample_batch(logits, params, generators), [prompt_len + i] * batch)
             times.append(time.perf_counter() - t)
     finally:
         for s in slots:

@@ -3,14 +3,16 @@
   python -m clients.bench_serving --target HOST:PORT              # a running server
   python -m clients.bench_serving --preset gpt2-small | --checkpoint DIR [--backends torch,onnx-fp32,onnx-int8]
       [--concurrency 1,4,16,64] [--max-new-tokens 64] [--rounds 3] [--threads N] [--max-batch N] [--device cpu|cuda]
+      [--temperature 0 --top-k 0 --top-p 1]
       [--out build/bench/serving.json] [--cache build/bench]
 
 With a checkpoint (or a preset's random-init one) the script starts one server per backend in turn
 (`python -m server` on a free port; ONNX exports are made once and cached) and loads the same backend in this
-process too, to measure what gRPC streaming costs over in-process decoding. Per concurrency level C: C greedy
-streams at once: time to first token and inter-token latency p50/p95, aggregate tokens/s (all tokens / wall
-time), per-stream tokens/s (median), errors by status code. Rounds go over all levels in turn (the machine's
-load drifts); ratios are medians of per-round ratios. Writes JSON and a PNG plot (next to the JSON).
+process too, to measure what gRPC streaming costs over in-process decoding. Per concurrency level C: C streams
+at once (greedy, or sampled with --temperature/--top-k/--top-p, in-process alike): time to first token and
+inter-token latency p50/p95, aggregate tokens/s (all tokens / wall time), per-stream tokens/s (median), errors by
+status code. Rounds go over all levels in turn (the machine's load drifts); ratios are medians of per-round
+ratios. Writes JSON and a PNG plot (next to the JSON).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from clients.api.ulm.v1 import text_generation_pb2 as pb
 from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from clients.bench_common import (BACKENDS, BENCH_DIR, ROOT, backend_dir, check_device, ensure_checkpoint, machine,
                                   parse_list, pct, set_threads, time_decode, write_json)
+from ulm.generate import SamplingParams
 
 PROMPT = "Once upon a time"
 GRPC_OVERHEAD, SCALING = 0.10, 6.0  # targets: streaming cost over in-process at batch 1; 16 streams vs 1
@@ -104,13 +107,14 @@ async def run_level(stub, concurrency: int, max_new_tokens: int, prompt: str = P
 
 
 async def sweep(target: str, levels: list[int], max_new_tokens: int, prompt: str = PROMPT, rounds: int = 3,
-                in_process=None, progress=None) -> tuple[dict, list[dict], list[float]]:
+                in_process=None, progress=None, sampling: dict | None = None) -> tuple[dict, list[dict], list[float]]:
     """(the server's ModelInfo as a dict, one result per concurrency level, in-process seconds per token).
 
     Rounds go over every level in turn, so that the machine's drift over time (load, memory bandwidth) touches
     all levels alike; `in_process()` (a run of the same backend in this process, timed in seconds per token)
-    goes right before each round's single stream, while the server is idle."""
-    request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)
+    goes right before each round's single stream, while the server is idle. `sampling`: GenerateRequest fields
+    (temperature, top_k, top_p); greedy without them."""
+    request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, **(sampling or {}))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TextGenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
@@ -172,7 +176,8 @@ class InProcess:
     """The same backend in this process, with the server's threads: seconds per decode step at batch 1."""
 
     def __init__(self, kind: str, directory: Path, device: str, threads: int, max_batch: int | None, steps: int,
-                 prompt: str):
+                 prompt: str, sampling: dict):
+
         from server.backends import load_backend
         from server.backends.base import warmup
 
@@ -180,9 +185,10 @@ class InProcess:
         self.backend = load_backend(kind, directory, device, max_batch or 32, serving=True)  # as the server does
         warmup(self.backend)
         self.steps, self.prompt_len = steps, len(self.backend.tokenizer.encode(prompt))
+        self.sampling = SamplingParams(**sampling)
 
     def __call__(self) -> float:
-        return statistics.median(time_decode(self.backend, 1, self.steps, self.prompt_len))
+        return statistics.median(time_decode(self.backend, 1, self.steps, self.prompt_len, sampling=self.sampling))
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -268,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=3, help="each round runs every concurrency level once")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="server threads (and the in-process baseline's); default: the server's, one per core")
@@ -283,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         levels = parse_list(args.concurrency, int, name="concurrency")
+        SamplingParams(**sampling(args)).validate()
         if min(levels) < 1 or args.max_new_tokens < 1 or args.rounds < 1:
             raise ValueError("--concurrency, --max-new-tokens and --rounds must be >= 1")
         runs = []
@@ -300,15 +310,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     write_json(out, {"machine": machine(), "device": args.device, "threads": args.threads, "prompt": args.prompt,
-                     "runs": runs})
+                     "sampling": sampling(args), "runs": runs})
     png = plot(runs, out.with_suffix(".png"))
     print(f"wrote {out} and {png}")
     return 0
 
 
+def sampling(args) -> dict:
+    """The sampling fields of every request (and of the in-process baseline)."""
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
 def run_target(target: str, levels: list[int], args, label: str | None = None, in_process=None) -> dict:
     info, results, local = asyncio.run(sweep(
-        target, levels, args.max_new_tokens, args.prompt, args.rounds, in_process,
+        target, levels, args.max_new_tokens, args.prompt, args.rounds, in_process, sampling=sampling(args),
         progress=lambda r, c: print(f"  round {r + 1}/{args.rounds}: {c} stream(s)", flush=True)))
     label = label or f"{info['backend']}-{info['dtype']}"
     for r in results:
@@ -331,7 +346,8 @@ def run_backend(label: str, checkpoint: Path, levels: list[int], args) -> dict:
     log = Path(args.out).parent / f"server-{label}.log"
     server = Server(kind, directory, args.device, args.threads, args.max_batch, log)
     try:
-        local = InProcess(kind, directory, args.device, args.threads, args.max_batch, args.max_new_tokens, args.prompt)
+        local = InProcess(kind, directory, args.device, args.threads, args.max_batch, args.max_new_tokens, args.prompt,
+                          sampling(args))
         run = run_target(server.target, levels, args, label, local)
     finally:
         server.stop()

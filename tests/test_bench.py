@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from clients import bench_decode, bench_serving, bench_train
-from clients.bench_common import check_device, weight_bytes
+from clients.bench_common import check_device, time_decode, weight_bytes
+from server.backends.torch_backend import TorchBackend
 from ulm.checkpoint import load_checkpoint
 from ulm.config import gpt_preset
 from ulm.data.build import build_dataset
+from ulm.generate import SamplingParams
 from ulm.model import GPT, KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -154,3 +156,18 @@ def test_bench_train_times_the_trainer(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench_train, "SHAKESPEARE", tmp_path / "missing.txt")
     assert bench_train.main(["--iters", "2", "--out", str(tmp_path / "none.json")]) == 2
     assert "no --dataset given and no" in capsys.readouterr().err
+
+
+def test_bench_serving_checks_its_sampling_flags(toy_checkpoint, tmp_path, capsys):
+    assert bench_serving.main(["--checkpoint", str(toy_checkpoint), "--top-p", "1.5", "--cache", str(tmp_path),
+                               "--out", str(tmp_path / "s.json")]) == 2
+    assert "top_p must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_time_decode_samples_as_asked(toy_checkpoint):
+    backend = TorchBackend(toy_checkpoint, "cpu", 2)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=0)
+    for params in (None, sampled):
+        times = time_decode(backend, 2, 5, prompt_len=4, sampling=params)
+        assert len(times) == 5 and all(t > 0 for t in times)
+        assert not backend.row_of  # every slot released
