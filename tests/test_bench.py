@@ -20,10 +20,11 @@ from ulm.model import GPT, KVCache
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.parametrize("width", [64, 384], ids=["small-weights", "packed-weights"])
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
-def test_prepared_model_gives_the_same_logits(activation):
+def test_prepared_model_gives_the_same_logits(activation, width):
     torch.manual_seed(0)
-    cfg = gpt_preset("toy", activation=activation)
+    cfg = gpt_preset("toy", activation=activation, n_embd=width, n_head=width // 32)
     ref = GPT(cfg).eval()
     model = GPT(cfg)
     model.load_state_dict(ref.state_dict())
@@ -32,6 +33,8 @@ def test_prepared_model_gives_the_same_logits(activation):
     assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight.t().is_contiguous()
     mlp = model.blocks[0].mlp
     assert isinstance(mlp.act, torch.nn.Identity) and mlp.fc.post_op == activation.removesuffix("_tanh")  # fused
+    # oneDNN only for weights large enough to pay for its per-call cost (64 x 256: MKL; 384 x 1536: oneDNN)
+    assert (mlp.fc.packed is not None, mlp.fc.one_row_packed) == ((True, True) if width == 384 else (False, False))
     idx = torch.randint(0, 259, (3, 10))
     with torch.inference_mode():
         torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)  # several rows: packed weights
