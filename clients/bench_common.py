@@ -165,9 +165,9 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int = 0,
                 sampling: SamplingParams | None = None) -> list[float]:
-    """Prefill `batch` prompts, then `steps` greedy decode steps over all of them through the backend interface
-    the server drives, sampling (greedy unless `sampling` says otherwise) as the scheduler does, on the torch
-    threads the server gives this backend. Returns each step's seconds, sampling included."""
+    """Prefill `batch` prompts, then `steps` decode steps over all of them through the backend interface the
+    server drives, sampling as the scheduler does (greedy unless `sampling` says otherwise) on the torch threads
+    the server gives this backend. Returns each step's seconds, sampling included."""
     if prompt_len + steps + 1 > backend.config.block_size:
         raise ValueError(f"prompt ({prompt_len}) + steps ({steps}) exceed the context ({backend.config.block_size})")
     slots = list(range(batch))
