@@ -254,7 +254,10 @@ def plot(runs: list[dict], path: Path) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     name = runs[0].get("model", "")
-    fig.suptitle(f"µLM serving: {name}, {runs[0]['max_new_tokens']} new tokens per stream")
+    mode = runs[0].get("sampling") or {}
+    mode = ("greedy" if not mode.get("temperature") else
+            ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in mode.items() if v and (k, v) != ("top_p", 1.0)))
+    fig.suptitle(f"µLM serving: {name}, {runs[0]['max_new_tokens']} new tokens per stream, {mode}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -328,7 +331,7 @@ def run_target(target: str, levels: list[int], args, label: str | None = None, i
     label = label or f"{info['backend']}-{info['dtype']}"
     for r in results:
         show_level(label, r)
-    run = {"backend": label, "model": info["name"], "target": target, "server": info,
+    run = {"backend": label, "model": info["name"], "target": target, "server": info, "sampling": sampling(args),
            "max_new_tokens": args.max_new_tokens, "levels": results}
     if local:
         run["in_process_ms"] = 1e3 * statistics.median(local)
