@@ -5,7 +5,7 @@
                                 [--out build/bench/train.json]
 
 Task "lm" presets need a dataset; without --dataset a character-level one is built (in a temporary folder)
-from ../shared/data/tinyshakespeare.txt. --naive times a plain loop for comparison (default threads,
+from ../shared/data/tinyshakespeare.txt, or from the tinyshakespeare corpus (downloaded once into the ulm cache). --naive times a plain loop for comparison (default threads,
 AdamW's default implementation, `loss.item()` every step, float32): the "before" of the trainer's
 optimisations (pass --set activation=gelu_tanh for the GPT default activation).
 """
@@ -82,12 +82,12 @@ def measure(args) -> dict:
         if build_config(args.preset, overrides=overrides).task == "lm":
             dataset = args.dataset
             if not dataset:
-                if not SHAKESPEARE.is_file():
-                    raise ValueError(f"no --dataset given and no {SHAKESPEARE} to build one from")
                 from ulm.data.build import build_dataset
 
-                dataset = str(build_dataset([SHAKESPEARE], Path(tmp) / "data", tokenizer="char", whitespace=False,
-                                            progress=False, log=None))
+                # the copy beside the checkout, else the named corpus: downloaded once into the ulm cache, checked
+                local = SHAKESPEARE.is_file()
+                dataset = str(build_dataset([SHAKESPEARE if local else "tinyshakespeare"], Path(tmp) / "data",
+                                            tokenizer="char", whitespace=False, progress=not local, log=None))
             overrides.append(f"dataset={dataset}")
         n = args.warmup + args.iters
         overrides += [f"max_iters={n}", "log_interval=1", f"eval_interval={n}", "eval_iters=1", "stop_accuracy=0"]

@@ -1,6 +1,9 @@
 """Shared fixtures. Keep this small and generic: tests build their own data and models."""
 from __future__ import annotations
 
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,42 @@ def toy_onnx_export(toy_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy_onnx")
     export_checkpoint(ExportOptions(str(toy_checkpoint), str(out), threads=1, log=lambda _: None))
     return out
+
+
+@pytest.fixture()
+def http_server():
+    """A 127.0.0.1 server for `files`, honouring Range, that can cut a response short once (`cut[path] = n`)."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            server = self.server
+            data = server.files.get(self.path)
+            server.requests.append((self.path, self.headers.get("Range")))
+            if data is None:
+                self.send_error(404)
+                return
+            start, rng = 0, self.headers.get("Range")
+            if rng:
+                start = int(rng.removeprefix("bytes=").split("-")[0])
+            body = data[start:]
+            self.send_response(206 if rng else 200)
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            cut = server.cut.pop(self.path, None)
+            self.wfile.write(body if cut is None else body[:cut])
+            self.wfile.flush()
+            if cut is not None:
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.files, server.cut, server.requests = {}, {}, []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

@@ -2,6 +2,7 @@
 the pieces whose correctness the figures rest on (the decode weight layout, the transformers twin, weight bytes)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 
@@ -14,6 +15,7 @@ from server.backends.torch_backend import TorchBackend
 from ulm.checkpoint import load_checkpoint
 from ulm.config import gpt_preset
 from ulm.data.build import build_dataset
+from ulm.data.sources import NAMED_CORPORA, Corpus
 from ulm.generate import SamplingParams
 from ulm.model import GPT, KVCache
 
@@ -144,7 +146,7 @@ def test_check_device_keeps_the_backends_a_device_runs(monkeypatch):
         check_device("cuda", ["onnx-int8"])
 
 
-def test_bench_train_times_the_trainer(tmp_path, capsys, monkeypatch):
+def test_bench_train_times_the_trainer(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question.\n" * 200)
     ds = build_dataset([tmp_path / "corpus.txt"], tmp_path / "ds", tokenizer="char", progress=False, log=None)
     out = tmp_path / "train.json"
@@ -156,9 +158,26 @@ def test_bench_train_times_the_trainer(tmp_path, capsys, monkeypatch):
     assert len(res["iterations_ms"]) == 4 and res["ms_per_iter"] == statistics.median(res["iterations_ms"])
     assert res["tokens_per_s"] == pytest.approx(64 / res["ms_per_iter"] * 1000)
     assert "median" in capsys.readouterr().out
+
+
+def test_bench_train_downloads_the_corpus_without_a_local_copy(http_server, tmp_path, capsys, monkeypatch):
+    text = b"to be or not to be, that is the question.\n" * 200
+    http_server.files["/tiny.txt"] = text
     monkeypatch.setattr(bench_train, "SHAKESPEARE", tmp_path / "missing.txt")
-    assert bench_train.main(["--iters", "2", "--out", str(tmp_path / "none.json")]) == 2
-    assert "no --dataset given and no" in capsys.readouterr().err
+    monkeypatch.setitem(NAMED_CORPORA, "tinyshakespeare", Corpus(
+        "tinyshakespeare", (http_server.url + "/tiny.txt",), "tiny.txt", hashlib.sha256(text).hexdigest(), len(text),
+        "test"))
+    monkeypatch.setenv("ULM_CACHE_DIR", str(tmp_path / "cache"))
+    small = ["--iters", "2", "--warmup", "0", "--set", "block_size=16", "n_layer=1", "n_head=2", "n_embd=16",
+             "batch_size=4", "threads=1"]
+    assert bench_train.main([*small, "--out", str(tmp_path / "t.json")]) == 0
+    assert (tmp_path / "cache" / "tiny.txt").read_bytes() == text and json.loads((tmp_path / "t.json").read_text())
+    del http_server.files["/tiny.txt"]  # cached now: not fetched again; and a failed download is a clear error
+    assert bench_train.main([*small, "--out", str(tmp_path / "t.json")]) == 0
+    assert [path for path, _ in http_server.requests] == ["/tiny.txt"]
+    (tmp_path / "cache" / "tiny.txt").unlink()
+    assert bench_train.main([*small, "--out", str(tmp_path / "t.json")]) == 2
+    assert "could not download" in capsys.readouterr().err
 
 
 def test_bench_serving_checks_its_sampling_flags(toy_checkpoint, tmp_path, capsys):

@@ -8,9 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -227,45 +225,6 @@ def test_split_assignment():
     one = [Document("x" * 10 + "\n" + "y" * 5)]  # a single document is cut at the newline nearest 60%
     assert assign_splits(one, 0.4, 0.0) == {"train": ["x" * 10], "val": ["y" * 5], "test": []}
     assert assign_splits([Document("z" * 10)], 0.3, 0.0) == {"train": ["z" * 7], "val": ["z" * 3], "test": []}
-
-
-@pytest.fixture()
-def http_server():
-    """A 127.0.0.1 server for `files`, honouring Range, that can cut a response short once (`cut[path] = n`)."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            server = self.server
-            data = server.files.get(self.path)
-            server.requests.append((self.path, self.headers.get("Range")))
-            if data is None:
-                self.send_error(404)
-                return
-            start, rng = 0, self.headers.get("Range")
-            if rng:
-                start = int(rng.removeprefix("bytes=").split("-")[0])
-            body = data[start:]
-            self.send_response(206 if rng else 200)
-            if rng:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            cut = server.cut.pop(self.path, None)
-            self.wfile.write(body if cut is None else body[:cut])
-            self.wfile.flush()
-            if cut is not None:
-                self.connection.shutdown(socket.SHUT_RDWR)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.files, server.cut, server.requests = {}, {}, []
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_verifies_and_resumes(http_server, tmp_path):
