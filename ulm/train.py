@@ -377,7 +377,10 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike, *, resume: bool = 
 
     d = init_distributed(cfg.device)
     try:
-        return _train(cfg, out, data, model_cfg, d, last if resume else None, progress)
+        best = _train(cfg, out, data, model_cfg, d, last if resume else None, progress)
+        if d.world > 1:  # every rank done (rank 0 writes the checkpoints) before the group is torn down
+            dist.barrier()
+        return best
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
