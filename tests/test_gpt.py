@@ -1,6 +1,7 @@
 """GPT: causality, the KV cache against full forward passes, greedy generation, preset sizes."""
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
 
@@ -102,6 +103,18 @@ def test_kv_cache_offset_rows_leave_other_rows_alone(model):
     for t in (cache.k, cache.v):
         assert t[:, 2:4].abs().sum() > 0
         assert t[:, :2].abs().sum() == 0 and t[:, 4:].abs().sum() == 0
+
+
+def test_kv_cache_takes_memory_only_where_written():
+    """A server preallocates every slot's cache (2.4 GB for 32 GPT-2-small slots); untouched, it costs nothing."""
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    cache = KVCache(n_layer=4, max_batch=32, n_head=8, max_len=1024, head_dim=64)  # 2 x 256 MiB
+    assert cache.nbytes() == 2**29 and proc.memory_info().rss - before < 32 * 2**20
+    k, v = cache.layer(3, slice(30, 32))
+    k[:, :, :16] = 1.0  # writes land in the cache, and only what is written is taken
+    assert float(cache.k[3, 30:32].sum()) == 2 * 8 * 16 * 64 and float(cache.v[3, 30:32].abs().sum()) == 0
+    assert proc.memory_info().rss - before < 40 * 2**20
 
 
 def test_kv_cache_move_row(model):

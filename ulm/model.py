@@ -10,6 +10,7 @@ L = cache length (context).
 from __future__ import annotations
 
 import math
+import mmap
 
 import torch
 import torch.nn as nn
@@ -389,6 +390,15 @@ class InferenceLinear(nn.Linear):
         return self.act(F.linear(x, self.weight, self.bias))
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.zeros that, on the CPU, takes memory only where it is written: anonymous mmap pages, which the OS
+    zeroes on first touch (torch.zeros writes every byte up front: a 32-slot GPT-2-small cache is 2.4 GB)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 class KVCache:
     """Preallocated keys and values: (n_layer, max_batch, nh, max_len, hs) each, written in place.
 
@@ -399,8 +409,8 @@ class KVCache:
     def __init__(self, n_layer: int, max_batch: int, n_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (n_layer, max_batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeros_on_demand(shape, dtype, device)
+        self.v = zeros_on_demand(shape, dtype, device)
 
     @classmethod
     def for_model(cls, cfg: GPTConfig, max_batch: int, max_len: int | None = None,
