@@ -254,9 +254,9 @@ def plot(runs: list[dict], path: Path) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     name = runs[0].get("model", "")
-    mode = runs[0].get("sampling") or {}
-    mode = ("greedy" if not mode.get("temperature") else
-            ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in mode.items() if v and (k, v) != ("top_p", 1.0)))
+    s = runs[0].get("sampling") or {}
+    mode = (f"temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}" if s.get("temperature")
+            else "greedy")
     fig.suptitle(f"µLM serving: {name}, {runs[0]['max_new_tokens']} new tokens per stream, {mode}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     write_json(out, {"machine": machine(), "device": args.device, "threads": args.threads, "prompt": args.prompt,
-                     "sampling": sampling(args), "runs": runs})
+                     "runs": runs})  # each run records its sampling
     png = plot(runs, out.with_suffix(".png"))
     print(f"wrote {out} and {png}")
     return 0
