@@ -110,15 +110,13 @@ class MultiHeadAttention(nn.Module):
         cache_len: int | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        if memory is None:
-            q, k, v = self.in_proj(x).split(C, dim=2)
+        if memory is None:  # one view and permute for all three (decoding runs this once per layer and token)
+            q, k, v = self.in_proj(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind()
         else:  # cross-attention: queries from x, keys and values from the encoder's output
             w_q, w_kv = self.in_proj.weight.split([C, 2 * C])
             b_q, b_kv = self.in_proj.bias.split([C, 2 * C]) if self.in_proj.bias is not None else (None, None)
-            q = F.linear(x, w_q, b_q)
-            k, v = F.linear(memory, w_kv, b_kv).split(C, dim=2)
-        q = self.heads(q)  # (B, nh, T, hs)
-        k, v = self.heads(k), self.heads(v)  # (B, nh, S, hs)
+            q = self.heads(F.linear(x, w_q, b_q))  # (B, nh, T, hs)
+            k, v = map(self.heads, F.linear(memory, w_kv, b_kv).split(C, dim=2))  # (B, nh, S, hs)
         if kv_cache is not None:
             k, v = write_kv(kv_cache, k, v, input_pos, cache_len or attn_mask.shape[-1],
                             at_end=attn_mask is None)  # (B, nh, L, hs)
@@ -161,9 +159,9 @@ def write_kv(
     k_cache, v_cache = cache
     if at_end:
         T = k.shape[2]
-        k_cache[:, :, length - T:length] = k
-        v_cache[:, :, length - T:length] = v
-        return k_cache[:, :, :length], v_cache[:, :, :length]
+        k_cache.narrow(2, length - T, T).copy_(k)
+        v_cache.narrow(2, length - T, T).copy_(v)
+        return k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length)
     rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
     k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)  # indexed view is (B, T, nh, hs)
     v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
