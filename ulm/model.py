@@ -409,6 +409,7 @@ class KVCache:
         shape = (n_layer, max_batch, n_head, max_len, head_dim)
         self.k = zeros_on_demand(shape, dtype, device)
         self.v = zeros_on_demand(shape, dtype, device)
+        self.layers = list(zip(self.k.unbind(), self.v.unbind()))  # (max_batch, nh, L, hs) views, made once
 
     @classmethod
     def for_model(cls, cfg: GPTConfig, max_batch: int, max_len: int | None = None,
@@ -424,7 +425,8 @@ class KVCache:
         return self.k.shape[3]
 
     def layer(self, i: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i, rows], self.v[i, rows]  # (B, nh, L, hs) views
+        k, v = self.layers[i]
+        return k[rows], v[rows]  # (B, nh, L, hs) views
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row src into row dst (to keep live rows contiguous)."""

@@ -63,7 +63,7 @@ class TorchBackend:
         """One token per slot. Slots are grouped into runs of adjacent rows: one pass when they cover 0..n-1."""
         rows = [self.row_of[s] for s in slots]
         order = sorted(range(len(slots)), key=rows.__getitem__)
-        out = torch.empty(len(slots), self.config.vocab_size)
+        runs, logits = [], []
         start = 0
         for end in range(1, len(order) + 1):
             if end < len(order) and rows[order[end]] == rows[order[end - 1]] + 1:
@@ -72,11 +72,16 @@ class TorchBackend:
             r0 = rows[run[0]]
             idx = torch.tensor([[tokens[i]] for i in run], device=self.device)  # (b, 1)
             pos = torch.tensor([[positions[i]] for i in run], device=self.device)
-            logits = self.model(idx, pos, self.cache, slice(r0, r0 + len(run)))  # (b, 1, V)
-            out[run] = logits[:, -1].float().cpu()
+            logits.append(self.model(idx, pos, self.cache, slice(r0, r0 + len(run)))[:, -1])  # (b, V)
+            runs.append(run)
             for i in run:
                 self.length[rows[i]] = positions[i] + 1
             start = end
+        if len(runs) == 1 and order == list(range(len(slots))):  # the usual step: every slot in row order
+            return logits[0].float().cpu()
+        out = torch.empty(len(slots), self.config.vocab_size)  # (n, V) in the caller's order
+        for run, part in zip(runs, logits):
+            out[run] = part.float().cpu()
         return out
 
     def release(self, slot: int) -> None:
