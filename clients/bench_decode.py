@@ -125,10 +125,14 @@ class Runner:
 
 
 def measure(runners: dict[str, Runner], args) -> dict[str, list[dict]]:
-    """Rounds over every backend in turn, each run between two bandwidth samples: the machine's load and its
-    memory bandwidth drift over seconds, so each run is compared with its own surroundings (and backends with
-    each other within a round)."""
+    """Rounds over every backend in turn, after an untimed run of each, each run between two bandwidth samples:
+    the machine's load and its memory bandwidth drift over seconds, so each run is compared with its own
+    surroundings (and backends with each other within a round)."""
     rounds: dict[str, list[dict]] = {label: [] for label in runners}
+    for label, runner in runners.items():  # untimed: a first batch-16 run took ONNX Runtime ~40-90% longer
+        print(f"  warm-up: {label}", flush=True)
+        runner.step_s(1)
+        runner.step_s(args.batch)
     for r in range(args.repeats):
         for label, runner in runners.items():
             print(f"  round {r + 1}/{args.repeats}: {label}", flush=True)

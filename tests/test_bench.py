@@ -71,11 +71,14 @@ def test_weight_bytes_count_what_a_decode_step_reads():
     assert weight_bytes("torch", None, cfg) == 4 * (n_params - cfg.block_size * cfg.n_embd)
 
 
-def test_bench_decode_writes_results(toy_checkpoint, tmp_path):
+def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
     out = tmp_path / "decode.json"
     backends = "torch,onnx-fp32" + (",transformers" if bench_decode_has_hf() else "")
     assert bench_decode.main(["--checkpoint", str(toy_checkpoint), "--backends", backends, "--steps", "4",
                               "--batch", "2", "--repeats", "1", "--out", str(out), "--cache", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for b in backends.split(","):  # each backend warmed up before the first timed round
+        assert printed.index(f"warm-up: {b}") < printed.index(f"round 1/1: {b}")
     res = json.loads(out.read_text())
     assert res["machine"]["threads"] == 1 and res["device"] == "cpu"
     (run,) = res["results"]
