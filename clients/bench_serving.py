@@ -112,7 +112,8 @@ async def sweep(target: str, levels: list[int], max_new_tokens: int, prompt: str
 
     Rounds go over every level in turn, so that the machine's drift over time (load, memory bandwidth) touches
     all levels alike; `in_process()` (a run of the same backend in this process, timed in seconds per token)
-    goes right before each round's single stream, while the server is idle. `sampling`: GenerateRequest fields
+    goes right before and right after each round's single stream, while the server is idle, and the stream is
+    compared with their mean (the machine drifts within seconds). `sampling`: GenerateRequest fields
     (temperature, top_k, top_p); greedy without them."""
     request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, **(sampling or {}))
     async with grpc.aio.insecure_channel(target) as channel:
@@ -123,9 +124,10 @@ async def sweep(target: str, levels: list[int], max_new_tokens: int, prompt: str
         local: list[float] = []
         for r in range(rounds):
             for c in levels:
-                if c == 1 and in_process is not None:
-                    local.append(in_process())
+                before = in_process() if c == 1 and in_process is not None else None
                 done[c].append(await run_round(stub, c, request))
+                if before is not None:
+                    local.append((before + in_process()) / 2)
                 if progress:
                     progress(r, c)
     info = {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}

@@ -106,15 +106,18 @@ def bench_decode_has_hf() -> bool:
     return True
 
 
-def test_bench_serving_sweeps_a_started_server(toy_checkpoint, tmp_path):
+def test_bench_serving_sweeps_a_started_server(toy_checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "serving.json"
+    runs = iter([0.010, 0.020, 0.030, 0.040])  # in-process seconds per token, in call order
+    monkeypatch.setattr(bench_serving.InProcess, "__call__", lambda self: next(runs))
     assert bench_serving.main(["--checkpoint", str(toy_checkpoint), "--backends", "torch", "--concurrency", "1,3",
                                "--max-new-tokens", "6", "--rounds", "2", "--threads", "1", "--out", str(out),
                                "--cache", str(tmp_path)]) == 0
     res = json.loads(out.read_text())
     (run,) = res["runs"]
     assert run["backend"] == "torch" and run["server"]["backend"] == "torch"
-    assert run["in_process_ms"] > 0 and len(run["in_process_ms_rounds"]) == 2
+    # each round's single stream is compared with the in-process runs just before and after it
+    assert run["in_process_ms_rounds"] == pytest.approx([15.0, 35.0]) and run["in_process_ms"] == pytest.approx(25)
     assert [lv["concurrency"] for lv in run["levels"]] == [1, 3]
     one, three = run["levels"]
     assert one["streams"] == 2 and three["streams"] == 6 and len(three["rounds"]) == 2
