@@ -105,6 +105,9 @@ def test_logits_match_torch_backend_step_by_step(export_dir, checkpoint):
             b.fill(np.nan)
     prompts = {0: list(range(40, 90)), 1: [5, 6, 7], 2: [9], 3: list(range(100, 117))}
     length = {}
+    rebuilds = []  # the slots of each full rebuild: joins and leaves on the CPU move single rows instead
+    rebuild = onnx_b._rebuild
+    onnx_b._rebuild = lambda slots: (rebuilds.append(list(slots)), rebuild(slots))[1]
 
     def both(fn, *args):
         a, b = getattr(onnx_b, fn)(*args), getattr(torch_b, fn)(*args)
@@ -125,14 +128,18 @@ def test_logits_match_torch_backend_step_by_step(export_dir, checkpoint):
     for _ in range(4):
         decode([0, 1])  # slot 1's row is padded: holes in its cache from now on
     prefill([2, 3])
-    both("release", 1)
+    both("release", 1)  # the last row leaves
     for step in range(3):
-        decode([3, 0, 2] if step % 2 else [0, 2, 3])  # the same set in another order: no rebuild
+        decode([3, 0, 2] if step % 2 else [0, 2, 3])  # 2 and 3 join as new rows; then the set in another order
     decode([2])  # a subset: slots 0 and 3 wait outside the batch while the buffers are reused
     decode([2])
-    decode([0, 2, 3])
+    decode([0, 2, 3])  # slot 0's cache is longer than the batch's past: a rebuild
     prefill([1])  # slot reuse
-    decode([1, 0, 2, 3])
+    decode([1, 0, 2, 3])  # joins as a new row
+    both("release", 0)  # a middle row leaves: the last moves into its place
+    decode([1, 2, 3])
+    decode([3, 1, 2])
+    assert rebuilds == [[0, 1], [2], [0, 2, 3]]
 
 
 def test_backend_attributes_and_registry(export_dir, checkpoint):

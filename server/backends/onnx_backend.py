@@ -7,9 +7,11 @@ real. On CUDA the presents are OrtValues on the device. On the CPU they are writ
 preallocated flat host buffers per tensor (the past is read from one while the present goes to the other),
 so the steady state allocates nothing and copies nothing beyond the graph's own concat.
 
-When the set of running slots changes (a request joins or leaves) the batch is rebuilt once: each slot's
-real positions are copied into the new layout, rows right-padded (with zeros, mask 0) to the longest.
-Prefilled prompts wait on the host ("parked") until the next decode step takes them into the batch.
+Prefilled prompts wait on the host ("parked") until the next decode step takes them into the batch. On the
+CPU, a request leaving moves the batch's last row into its place, and one joining becomes a new last row,
+right-padded (with zeros, mask 0) to the batch's past length: a row's copy each, not the batch's. Otherwise
+(on CUDA, a prompt longer than the batch's past, a step over some of the running slots only) the batch is
+rebuilt once: each slot's real positions are copied into the new layout, rows right-padded to the longest.
 """
 from __future__ import annotations
 
@@ -111,7 +113,12 @@ class OnnxBackend:
             if p >= self.config.block_size:
                 raise ValueError(f"position {p} is beyond the context length {self.config.block_size}")
         if None in self.batch or sorted(slots) != sorted(self.batch):
-            self._rebuild(slots)
+            joining = [s for s in slots if s not in self.batch]
+            if (self.buffers is not None and self.batch and None not in self.batch and set(self.batch) <= set(slots)
+                    and max(self.length[s] for s in joining) <= self.mask.shape[1]):
+                self._append(joining)
+            else:
+                self._rebuild(slots)
         n = len(self.batch)
         rows = [self.batch.index(s) for s in slots]  # the batch keeps its order; the caller's may differ
         ids, pos = np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64)
@@ -126,8 +133,19 @@ class OnnxBackend:
     def release(self, slot: int) -> None:
         del self.length[slot]
         self.parked.pop(slot, None)
-        if slot in self.batch:  # its row stays until the batch is rebuilt; it is never fed again
-            self.batch[self.batch.index(slot)] = None
+        if slot not in self.batch:
+            return
+        row = self.batch.index(slot)
+        if self.buffers is None:  # CUDA: the row stays until the batch is rebuilt; it is never fed again
+            self.batch[row] = None
+            return
+        last = len(self.batch) - 1  # CPU: the last row moves into the hole and the batch shrinks by one
+        if row != last:
+            for a in self.past:
+                a[row] = a[last]
+            self.mask[row], self.batch[row] = self.mask[last], self.batch[last]
+        self.batch.pop()
+        self.past, self.mask = [a[:last] for a in self.past], self.mask[:last]  # prefixes: still contiguous
 
     # -- internals ----------------------------------------------------------------------------------------
 
@@ -170,6 +188,28 @@ class OnnxBackend:
         self.session.run_with_iobinding(io)
         return logits, present
 
+    def _append(self, slots: list[int]) -> None:
+        """Parked `slots` become new rows after the running ones (CPU), right-padded to the batch's past length
+        P: the running rows stay where they are in the buffer set that holds the past."""
+        n, P = self.mask.shape
+        cfg = self.config
+        shape = (n + len(slots), cfg.n_head, P, cfg.head_dim)
+        size = math.prod(shape)
+        self.past = [b[:size].reshape(shape) for b in self.buffers[self.spare ^ 1]]  # spare: the next present's
+        self.mask = np.concatenate([self.mask, np.zeros((len(slots), P), np.int64)])
+        for row, s in enumerate(slots, start=n):
+            self.mask[row, :self._place(self.past, row, self.parked.pop(s))] = 1
+        self.batch += slots
+
+    @staticmethod
+    def _place(past: list[np.ndarray], row: int, cache: list[np.ndarray]) -> int:
+        """Write a slot's (nh, L, hs) keys/values into `row` of the batch's past, zeros after; returns L."""
+        L = cache[0].shape[1]
+        for dst, src in zip(past, cache):
+            dst[row, :, :L] = src
+            dst[row, :, L:] = 0  # padding is masked, but must be finite: 0 * NaN would leak through
+        return L
+
     def _rebuild(self, slots: list[int]) -> None:
         """Make `slots` (in this order) the running batch: every row compacted, right-padded to the longest."""
         keep = set(slots)
@@ -192,12 +232,7 @@ class OnnxBackend:
                 else [np.empty(shape, np.float32) for _ in self.past_names])
         self.mask = np.zeros((n, P), np.int64)
         for row, s in enumerate(slots):
-            cache = self.parked.pop(s)
-            L = cache[0].shape[1]
-            for dst, src in zip(past, cache):
-                dst[row, :, :L] = src
-                dst[row, :, L:] = 0  # padding is masked, but must be finite: 0 * NaN would leak through
-            self.mask[row, :L] = 1
+            self.mask[row, :self._place(past, row, self.parked.pop(s))] = 1
         self.past = past if self.buffers is not None else [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
                                                            for a in past]
         self.batch = list(slots)
