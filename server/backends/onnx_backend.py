@@ -115,7 +115,7 @@ class OnnxBackend:
         if None in self.batch or sorted(slots) != sorted(self.batch):
             joining = [s for s in slots if s not in self.batch]
             if (self.buffers is not None and self.batch and None not in self.batch and set(self.batch) <= set(slots)
-                    and max(self.length[s] for s in joining) <= self.mask.shape[1]):
+                    and joining and max(self.length[s] for s in joining) <= self.mask.shape[1]):
                 self._append(joining)
             else:
                 self._rebuild(slots)
