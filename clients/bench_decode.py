@@ -205,6 +205,9 @@ def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, sh
               f"{r['roofline_ms']:>12.2f}{r['ms_per_token']:>10.2f}{100 * r['fraction_of_roofline']:>10.0f}%"
               f"{f'{lo}-{hi}%':>11}"
               f"{r['tokens_per_s_batch']:>12.0f}{r['roofline_tokens_per_s_batch']:>14.0f}")
+    bandwidths = [x["bandwidth_gbps"] for r in rows.values() for x in r["rounds"]]
+    print(f"  memory read bandwidth over the rounds: {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s (each round's "
+          f"roofline moves with it)")
     if not shaped or device != "cpu":
         print("  (the targets are set for the GPT-2-small shape on a 2-core CPU; shown for reference)")
     for g in goals:

@@ -91,6 +91,8 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
         assert len(r["rounds"]) == 1 and r["fraction_of_roofline"] == pytest.approx(
             r["weight_bytes"] / r["bandwidth_gbps"] / 1e6 / r["ms_per_token"])  # one round: its own figures
     assert rows["torch"]["weight_bytes"] == rows["onnx-fp32"]["weight_bytes"]
+    bandwidths = [x["bandwidth_gbps"] for r in rows.values() for x in r["rounds"]]
+    assert f"bandwidth over the rounds: {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s" in printed
     names = [t["name"] for t in run["targets"]]
     assert "torch decode batch 1, fraction of roofline" in names
     assert all(set(t) == {"name", "value", "target", "met", "rounds_met", "rounds"} for t in run["targets"])
