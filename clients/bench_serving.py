@@ -179,7 +179,6 @@ class InProcess:
 
     def __init__(self, kind: str, directory: Path, device: str, threads: int, max_batch: int | None, steps: int,
                  prompt: str, sampling: dict):
-
         from server.backends import load_backend
         from server.backends.base import warmup
 

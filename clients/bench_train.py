@@ -5,9 +5,10 @@
                                 [--out build/bench/train.json]
 
 Task "lm" presets need a dataset; without --dataset a character-level one is built (in a temporary folder)
-from ../shared/data/tinyshakespeare.txt, or from the tinyshakespeare corpus (downloaded once into the ulm cache). --naive times a plain loop for comparison (default threads,
-AdamW's default implementation, `loss.item()` every step, float32): the "before" of the trainer's
-optimisations (pass --set activation=gelu_tanh for the GPT default activation).
+from ../shared/data/tinyshakespeare.txt, or from the tinyshakespeare corpus (downloaded once into the ulm
+cache). --naive times a plain loop for comparison (default threads, AdamW's default implementation,
+`loss.item()` every step, float32): the "before" of the trainer's optimisations (pass
+--set activation=gelu_tanh for the GPT default activation).
 """
 from __future__ import annotations
 

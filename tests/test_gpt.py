@@ -16,7 +16,7 @@ CONFIGS = {
     "toy": gpt_preset("toy"),  # pre-norm, learned positions, tied, GELU-tanh
     "post_norm_sinusoidal": GPTConfig(vocab_size=61, block_size=40, n_layer=2, n_head=4, n_embd=32, activation="relu",
                                       norm_first=False, pos_encoding="sinusoidal", tie_weights=False, bias=False),
-    # pre-norm, so cached decoding takes the flat path (cached_block), with bias-free LayerNorms and Linears
+    # pre-norm with bias-free LayerNorms and Linears (the cache path's optional biases)
     "pre_norm_no_bias": GPTConfig(vocab_size=61, block_size=40, n_layer=2, n_head=2, n_embd=32, activation="relu",
                                   norm_first=True, pos_encoding="sinusoidal", tie_weights=False, bias=False),
 }

@@ -114,8 +114,9 @@ class OnnxBackend:
                 raise ValueError(f"position {p} is beyond the context length {self.config.block_size}")
         if None in self.batch or sorted(slots) != sorted(self.batch):
             joining = [s for s in slots if s not in self.batch]
-            if (self.buffers is not None and self.batch and None not in self.batch and set(self.batch) <= set(slots)
-                    and joining and max(self.length[s] for s in joining) <= self.mask.shape[1]):
+            # CPU (whose batch has no released rows left in it): newcomers no longer than the batch's past append
+            if (self.buffers is not None and self.batch and set(self.batch) <= set(slots) and joining
+                    and max(self.length[s] for s in joining) <= self.mask.shape[1]):
                 self._append(joining)
             else:
                 self._rebuild(slots)
