@@ -106,8 +106,9 @@ def ensure_checkpoint(preset: str, cache: Path = BENCH_DIR) -> Path:
 
 def ensure_export(checkpoint: Path, quantize: str | None, cache: Path = BENCH_DIR) -> Path:
     """`python -m export` of the checkpoint (fp32 or int8) under cache/exports, reused while the checkpoint's
-    weights are unchanged."""
+    weights and the export format are unchanged."""
     from export.pipeline import ExportOptions, export_checkpoint
+    from export.runtime import FORMAT
     from ulm.checkpoint import WEIGHTS_FILE
     from ulm.data.dataset import file_sha256
 
@@ -115,8 +116,10 @@ def ensure_export(checkpoint: Path, quantize: str | None, cache: Path = BENCH_DI
     sha = file_sha256(checkpoint / WEIGHTS_FILE)
     out = Path(cache) / "exports" / f"{checkpoint.resolve().name}-{sha[:12]}-{quantize or 'fp32'}"
     manifest = out / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text())["source"]["sha256"] == sha:
-        return out
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        if m["source"]["sha256"] == sha and m["format"] == FORMAT:
+            return out
     print(f"exporting {checkpoint} ({quantize or 'fp32'}) to {out} (once; reused later)", flush=True)
     log = io.StringIO()
     try:

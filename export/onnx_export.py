@@ -1,14 +1,19 @@
 """Checkpoint -> ONNX: one graph for the GPT with its KV cache as explicit inputs and outputs.
 
-Graph signature (B batch, T new tokens, P past length, K positions with logits, V vocabulary, nh heads,
+Graph signature (B batch, T new tokens, L cache length, K positions with logits, V vocabulary, nh heads,
 hs head size):
-  inputs   input_ids (B, T) int64, position_ids (B, T) int64, attention_mask (B, P+T) int64 (1 = real token),
+  inputs   input_ids (B, T) int64, past_lengths (B,) int64 (positions each row's cache already holds),
            logits_index (B, K) int64 (which of the T positions get logits),
-           past_key_values.{i}.key / .value (B, nh, P, hs) float32; P may be 0 (the first step)
-  outputs  logits (B, K, V) float32, present.{i}.key / .value (B, nh, P+T, hs) = concat(past, new)
-Rows of a batch may hold sequences of different lengths: pad the past anywhere with attention_mask 0 and give
-each token its real position in position_ids. logits_index is GPT.forward's `logits_at`: a prefill asks for its
-last position only and skips a (T, C) x (C, V) matmul; pass arange(T) for every position.
+           past_key_values.{i}.key / .value (B, nh, L, hs) float32: the cache, a fixed-size buffer
+  outputs  logits (B, K, V) float32, present.{i}.key / .value (B, nh, L, hs): the cache with the new keys/values
+           written at positions past_lengths[b] + t (ONNX's TensorScatter, opset 24)
+A row's cache holds its tokens from position 0 on, without holes; the new tokens take the positions after them
+(their position ids too), and each token attends to the positions up to its own. So rows of a batch may hold
+sequences of different lengths, and what lies beyond a row's length is never read (it must be finite: masked
+keys' values still meet a zero weight). L >= past_lengths[b] + T. Bind each present to its past's buffer and the
+cache is updated in place: a step copies nothing but the new tokens' keys/values (ORT's kernel skips the copy
+when the buffers are one). logits_index is GPT.forward's `logits_at`: a prefill asks for its last position only
+and skips a (T, C) x (C, V) matmul; pass arange(T) for every position.
 
 The graph holds ONNX Runtime's fused operators (domain com.microsoft: MultiHeadAttention,
 SkipLayerNormalization), so it runs on ONNX Runtime (CPU or CUDA provider), not on any ONNX runtime.
@@ -29,12 +34,12 @@ from ulm.model import GPT, Block
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # external weights: one convention for every model size
-DEFAULT_OPSET = 20  # GELU is one Gelu node (opset 18 spells it out in 8), which ORT fuses with its bias
-MIN_OPSET = 17  # LayerNormalization
+DEFAULT_OPSET = 24
+MIN_OPSET = 24  # TensorScatter (24); Gelu as one node (20), which ORT fuses with its bias
 
 
 def input_names(n_layer: int) -> list[str]:
-    return ["input_ids", "position_ids", "attention_mask", "logits_index", *past_names(n_layer)]
+    return ["input_ids", "past_lengths", "logits_index", *past_names(n_layer)]
 
 
 def past_names(n_layer: int) -> list[str]:
@@ -56,18 +61,15 @@ class OnnxGPT(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                logits_index: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, past_lengths: torch.Tensor, logits_index: torch.Tensor,
+                *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         B, T = input_ids.shape
-        S = attention_mask.shape[1]  # P + T
+        position_ids = past_lengths[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
         x = m.embed(input_ids, position_ids)  # (B, T, C)
-        # Query t sits at index S - T + t: it sees real keys up to itself, and always itself, so a padding
-        # query never has an empty row (its NaNs would reach real rows through the next layer's keys).
-        key_idx = torch.arange(S, device=input_ids.device)
-        query_idx = torch.arange(S - T, S, device=input_ids.device)[:, None]  # (T, 1)
-        real = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
-        mask = (key_idx <= query_idx) & (real | (key_idx == query_idx))  # (B, 1, T, S)
+        # A query sees the positions up to its own (a row has no holes): never an empty row, even for padding
+        key_idx = torch.arange(cache[0].shape[2], device=input_ids.device)  # (L,)
+        mask = key_idx <= position_ids[:, None, :, None]  # (B, 1, T, L)
         # Additive, built once for every layer. Finite, as transformers' masks: a fused GPU kernel that keeps a
         # running row maximum must never compute -inf - (-inf).
         attn_bias = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
@@ -76,16 +78,17 @@ class OnnxGPT(nn.Module):
         h = blocks[0].ln_1(x) if blocks[0].norm_first else x
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else m.ln_f
-            h, x = block_forward(block, h, x, next_ln, past[2 * i], past[2 * i + 1], attn_bias, present)
+            h, x = block_forward(block, h, x, next_ln, cache[2 * i], cache[2 * i + 1], past_lengths, attn_bias,
+                                 present)
         h = torch.gather(h, 1, logits_index[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, K, C)
         return (m.lm_head(h), *present)
 
 
-def block_forward(block: Block, h: torch.Tensor, x: torch.Tensor, next_ln: nn.Module, past_k: torch.Tensor,
-                  past_v: torch.Tensor, attn_bias: torch.Tensor, present: list[torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block.forward on the residual stream x, the attention's keys/values appended to the past (and to
-    `present`); returns (h, x) for the next block.
+def block_forward(block: Block, h: torch.Tensor, x: torch.Tensor, next_ln: nn.Module, cache_k: torch.Tensor,
+                  cache_v: torch.Tensor, past_lengths: torch.Tensor, attn_bias: torch.Tensor,
+                  present: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block.forward on the residual stream x, the attention's keys/values written into the cache (and the
+    cache appended to `present`); returns (h, x) for the next block.
 
     Pre-norm: h = ln_1(x) comes in, (next_ln(x'), x') goes out, next_ln being the next block's ln_1 or ln_f:
     a residual Add, the bias before it and the LayerNorm after it are one SkipLayerNormalization (ORT fuses
@@ -96,12 +99,12 @@ def block_forward(block: Block, h: torch.Tensor, x: torch.Tensor, next_ln: nn.Mo
 
     def attn(h: torch.Tensor) -> torch.Tensor:
         B, T, C = h.shape
-        q, k, v = F.linear(h, a.in_proj.weight).split(C, dim=2)  # its bias is added in the attention node
-        kv_shape = (B, a.n_head, past_k.shape[2] + T, C // a.n_head)
-        # Concat with the past, scaled q k^T + attn_bias, softmax, @ v and the head transposes: one node
-        y, k, v = ort_op("MultiHeadAttention", [q, k, v, a.in_proj.bias, None, attn_bias, past_k, past_v],
-                         {"num_heads": a.n_head}, [h.shape, kv_shape, kv_shape])
+        q, k, v = a.in_proj(h).split(C, dim=2)
+        k, v = (t.view(B, T, a.n_head, C // a.n_head).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
+        k, v = tensor_scatter(cache_k, k, past_lengths), tensor_scatter(cache_v, v, past_lengths)  # (B, nh, L, hs)
         present.extend((k, v))
+        # scaled q k^T over the cache + attn_bias, softmax, @ v and the head transposes: one node
+        y = ort_op("MultiHeadAttention", [q, k, v, None, None, attn_bias], {"num_heads": a.n_head}, [h.shape])[0]
         return F.linear(y, a.out_proj.weight)
 
     def ff(h: torch.Tensor) -> torch.Tensor:  # ORT fuses fc's bias into the Gelu (opset >= 20) or the int8 MatMul
@@ -124,6 +127,13 @@ def skip_layer_norm(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
     return out, s
 
 
+def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """ONNX's TensorScatter: `cache` (B, nh, L, hs) with row b's positions at[b] .. at[b] + T - 1 replaced by
+    `update` (B, nh, T, hs). Export only."""
+    return torch.onnx.ops.symbolic("::TensorScatter", [cache, update, at], {"axis": 2}, dtype=cache.dtype,
+                                   shape=cache.shape, version=24)
+
+
 def ort_op(name: str, inputs: list[torch.Tensor | None], attrs: dict, shapes: list) -> list[torch.Tensor]:
     """A node of ONNX Runtime's contrib operators (com.microsoft, CPU and CUDA kernels) with float32 outputs of
     these shapes. Used where ORT's graph optimizer does not fuse what the exporter writes (the attention with
@@ -132,20 +142,19 @@ def ort_op(name: str, inputs: list[torch.Tensor | None], attrs: dict, shapes: li
                                              dtypes=[torch.float32] * len(shapes), shapes=shapes, version=1)
 
 
-def example_inputs(model: GPT, batch: int = 2, past: int = 3, new: int = 4) -> tuple[torch.Tensor, ...]:
-    """Inputs to trace with. Every dynamic size is >= 2, so torch.export specialises none of them."""
+def example_inputs(model: GPT, batch: int = 2, new: int = 4, cache: int = 9) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with. Every dynamic size is >= 2 and they differ, so torch.export specialises none."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, new))
-    pos = torch.arange(past, past + new).expand(batch, new).contiguous()
-    mask = torch.ones(batch, past + new, dtype=torch.long)
+    past_lengths = torch.arange(batch) + 1
     logits_index = torch.arange(new).expand(batch, new).contiguous()
-    kv = [torch.zeros(batch, cfg.n_head, past, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
-    return (ids, pos, mask, logits_index, *kv)
+    kv = [torch.zeros(batch, cfg.n_head, cache, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    return (ids, past_lengths, logits_index, *kv)
 
 
 def check_opset(opset: int) -> None:
     if opset < MIN_OPSET:
-        raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
+        raise ValueError(f"opset must be >= {MIN_OPSET} (TensorScatter), got {opset}")
 
 
 def export_onnx(model: GPT, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Path:
@@ -153,13 +162,9 @@ def export_onnx(model: GPT, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> 
     check_opset(opset)
     model = model.float().cpu().eval()
     n_layer = model.config.n_layer
-    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
-    dynamic_shapes = (
-        {0: batch, 1: seq}, {0: batch, 1: seq},
-        {0: batch, 1: Dim.AUTO},  # = past_sequence + sequence; torch.export infers the relation
-        {0: batch, 1: Dim("num_logits")},
-        tuple({0: batch, 2: past} for _ in range(2 * n_layer)),
-    )
+    batch, cache = Dim("batch"), Dim("cache_length")
+    dynamic_shapes = ({0: batch, 1: Dim("sequence")}, {0: batch}, {0: batch, 1: Dim("num_logits")},
+                      tuple({0: batch, 2: cache} for _ in range(2 * n_layer)))
     path = Path(out_dir) / MODEL_FILE
     with torch.no_grad(), warnings.catch_warnings(), quiet("torch.onnx"):
         warnings.simplefilter("ignore")  # axis-renaming and deprecation notes from the exporter
@@ -169,21 +174,7 @@ def export_onnx(model: GPT, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> 
             dynamic_shapes=dynamic_shapes, optimize=True,
         )
         program.save(path, external_data=True)
-    name_total_axis(path)
     return path
-
-
-def name_total_axis(path: Path) -> None:
-    """Give the inferred P+T axis (attention_mask's, present's) one readable name in the saved graph."""
-    m = onnx.load(str(path), load_external_data=False)
-    g = m.graph
-    auto = g.input[2].type.tensor_type.shape.dim[1].dim_param
-    named = next(d.dim_param for d in g.output[1].type.tensor_type.shape.dim if "+" in d.dim_param)
-    for v in [*g.input, *g.output, *g.value_info]:
-        for d in v.type.tensor_type.shape.dim:
-            if d.dim_param in (auto, named):
-                d.dim_param = "total_sequence"
-    onnx.save(m, str(path))  # the weights stay in model.onnx.data, referenced by name
 
 
 class quiet:

@@ -25,9 +25,8 @@ def quantize_int8(src: str | os.PathLike, out_dir: str | os.PathLike, per_channe
     out = Path(out_dir) / MODEL_FILE
     with tempfile.TemporaryDirectory(prefix="ulm-quant-") as tmp, quiet("onnxruntime"):
         pre = Path(tmp) / "pre.onnx"
-        # auto_merge: attention_mask's axis is the same P+T as the concatenated keys', under another name
-        quant_pre_process(str(src), str(pre), auto_merge=True, save_as_external_data=True,
-                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
+        quant_pre_process(str(src), str(pre), save_as_external_data=True, all_tensors_to_one_file=True,
+                          external_data_location="pre.onnx.data")
         quantize_dynamic(pre, out, op_types_to_quantize=["MatMul"], per_channel=per_channel,
                          weight_type=QuantType.QInt8, use_external_data_format=True)
     for f in (out, out.with_name(DATA_FILE)):

@@ -19,7 +19,7 @@ from ulm.config import GPTConfig
 from ulm.data.dataset import file_sha256
 from ulm.tokenizer import Tokenizer
 
-FORMAT = "ulm-onnx/1"
+FORMAT = "ulm-onnx/2"  # 2: the cache is a fixed-size buffer updated in place (1: concatenated)
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "verify_report.json"
@@ -46,7 +46,8 @@ def read_export(directory: str | os.PathLike) -> tuple[dict, GPTConfig, Tokenize
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{d}: unreadable {MANIFEST} or {CONFIG_FILE}: {e}") from e
     if manifest.get("format") != FORMAT:
-        raise ExportError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ExportError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r} (an export from an "
+                          f"older µLM: run `python -m export` on its checkpoint again)")
     for name, info in manifest.get("files", {}).items():  # sizes only: hashing GBs on every start is slow
         f = d / name
         if not f.is_file() or f.stat().st_size != info["bytes"]:
@@ -91,17 +92,16 @@ def create_session(path: str | os.PathLike, device: str = "cpu", threads: int | 
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
-def empty_past(cfg: GPTConfig, batch: int) -> list[np.ndarray]:
-    return [np.zeros((batch, cfg.n_head, 0, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
+def empty_cache(cfg: GPTConfig, batch: int, length: int) -> list[np.ndarray]:
+    """A zeroed cache of `length` positions per row, as the graph takes it: 2 x n_layer (B, nh, L, hs)."""
+    return [np.zeros((batch, cfg.n_head, length, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
 
 
-def run(session: ort.InferenceSession, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-        logits_index: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One call of the graph on numpy arrays: (logits (B, K, V), presents)."""
-    n_layer = len(past) // 2
-    feeds = dict(zip(input_names(n_layer), [np.asarray(a, np.int64) for a in
-                                            (input_ids, position_ids, attention_mask, logits_index)] + list(past)))
+def run(session: ort.InferenceSession, input_ids: np.ndarray, past_lengths: np.ndarray, logits_index: np.ndarray,
+        cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One call of the graph on numpy arrays: (logits (B, K, V), the updated cache, new arrays)."""
+    n_layer = len(cache) // 2
+    feeds = dict(zip(input_names(n_layer), [np.asarray(a, np.int64) for a in (input_ids, past_lengths, logits_index)]
+                     + list(cache)))
     logits, *present = session.run(["logits", *present_names(n_layer)], feeds)
     return logits, present
-
-

@@ -1,9 +1,9 @@
 """Checks of an exported graph against the PyTorch model it came from, run after every export.
 
 Parity: ONNX Runtime logits against GPT.forward (a full pass without a cache, row by row) at past lengths 0,
-1 and N, batch 1 and 3 (rows of different lengths, the past right-padded with attention_mask 0), for one new
-token and for a chunk. Greedy: ulm.generate.generate_ids against an ONNX Runtime loop that feeds each step's
-present back as the next past. Perplexity: mean next-token loss over block-size windows of held-out tokens.
+1 and N, batch 1 and 3 (rows of different lengths: the prefixes go in right-padded, each row's new tokens at its
+own length), for one new token and for a chunk. Greedy: ulm.generate.generate_ids against an ONNX Runtime loop
+that feeds each step's present back as the next past. Perplexity: mean next-token loss over block-size windows of held-out tokens.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from export.runtime import empty_past, run
+from export.runtime import empty_cache, run
 from ulm.generate import generate_ids
 from ulm.model import GPT
 
@@ -28,8 +28,8 @@ GREEDY_STEPS = 64
 def parity_case(model: GPT, session: ort.InferenceSession, rows: list[list[int]], past_lens: list[int]) -> float:
     """Max abs logits difference, ORT vs PyTorch, for rows whose first past_lens[b] tokens go in as the past.
 
-    Step 1 runs the padded prefixes from an empty past (if any row has one); step 2 the remaining tokens of
-    every row (the same count per row) on top of step 1's presents, masked where a prefix was padding.
+    Step 1 writes the right-padded prefixes into an empty cache (if any row has one), step 2 the remaining
+    tokens of every row (the same count per row) at each row's own length: over the first step's padding.
     """
     cfg = model.config
     B, P = len(rows), max(past_lens)
@@ -37,19 +37,15 @@ def parity_case(model: GPT, session: ort.InferenceSession, rows: list[list[int]]
     assert all(len(r) - p == T for r, p in zip(rows, past_lens)), "every row must add the same number of tokens"
     refs = [model(torch.tensor([r]))[0].numpy() for r in rows]  # (len, V) each
     worst = 0.0
-    past, mask = empty_past(cfg, B), np.zeros((B, 0), np.int64)
+    cache = empty_cache(cfg, B, P + T)
     if P:
         ids = np.zeros((B, P), np.int64)
-        mask = np.zeros((B, P), np.int64)
         for b, (r, p) in enumerate(zip(rows, past_lens)):
-            ids[b, :p], mask[b, :p] = r[:p], 1
-        pos = np.broadcast_to(np.arange(P), (B, P))
-        logits, past = run(session, ids, pos, mask, pos, past)
+            ids[b, :p] = r[:p]
+        logits, cache = run(session, ids, np.zeros(B), np.broadcast_to(np.arange(P), (B, P)), cache)
         worst = max(worst, *(float(np.abs(logits[b, :p] - refs[b][:p]).max()) for b, p in enumerate(past_lens) if p))
     ids = np.array([r[p:] for r, p in zip(rows, past_lens)])
-    pos = np.array([np.arange(p, p + T) for p in past_lens])
-    mask = np.concatenate([mask, np.ones((B, T), np.int64)], axis=1)
-    logits, _ = run(session, ids, pos, mask, np.broadcast_to(np.arange(T), (B, T)), past)
+    logits, _ = run(session, ids, np.array(past_lens), np.broadcast_to(np.arange(T), (B, T)), cache)
     return max(worst, *(float(np.abs(logits[b] - refs[b][p:]).max()) for b, p in enumerate(past_lens)))
 
 
@@ -76,15 +72,14 @@ def ort_greedy(session: ort.InferenceSession, model_cfg, prompt: list[int], step
                eos_id: int | None = None) -> list[int]:
     """Greedy decoding with the graph alone: prefill, then one token per call with the present fed back."""
     T = len(prompt)
-    pos = np.arange(T)[None]
-    logits, past = run(session, np.array([prompt]), pos, np.ones((1, T)), [[T - 1]], empty_past(model_cfg, 1))
+    logits, cache = run(session, [prompt], [0], [[T - 1]], empty_cache(model_cfg, 1, T + steps))
     out: list[int] = []
     for step in range(steps):
         tok = int(logits[0, -1].argmax())
         out.append(tok)
         if tok == eos_id or step == steps - 1:
             break
-        logits, past = run(session, [[tok]], [[T + step]], np.ones((1, T + step + 1)), [[0]], past)
+        logits, cache = run(session, [[tok]], [T + step], [[0]], cache)
     return out
 
 
@@ -112,8 +107,8 @@ def perplexity_ort(session: ort.InferenceSession, model_cfg, windows: np.ndarray
     for i in tqdm(range(0, B_all, batch), desc="perplexity", leave=False, unit="batch", disable=None):
         w = windows[i:i + batch]
         B = len(w)
-        pos = np.broadcast_to(np.arange(L), (B, L))
-        logits, _ = run(session, w[:, :-1], pos, np.ones((B, L)), pos, empty_past(model_cfg, B))
+        logits, _ = run(session, w[:, :-1], np.zeros(B), np.broadcast_to(np.arange(L), (B, L)),
+                        empty_cache(model_cfg, B, L))
         total += float(F.cross_entropy(torch.from_numpy(logits).flatten(0, 1), torch.from_numpy(w[:, 1:]).flatten(),
                                        reduction="sum"))
     return math.exp(total / windows[:, 1:].size)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from export.__main__ import main
 from export.onnx_export import export_onnx, input_names, present_names
 from export.pipeline import ExportOptions, export_checkpoint
-from export.runtime import ExportError, check_files, create_session, empty_past, read_export, run
+from export.runtime import ExportError, check_files, create_session, empty_cache, read_export, run
 from export.verify import check_greedy, check_parity, ort_greedy
 from ulm.checkpoint import load_checkpoint, save_checkpoint
 from ulm.config import GPTConfig
@@ -77,17 +77,18 @@ def test_graph_signature_has_dynamic_axes(exported, model):
     shapes = {v.name: dims(v) for v in [*g.input, *g.output]}
     nh, hs = model.config.n_head, model.config.head_dim
     assert shapes["input_ids"] == ["batch", "sequence"]
-    assert shapes["attention_mask"] == ["batch", "total_sequence"]
-    assert shapes["past_key_values.0.key"] == ["batch", nh, "past_sequence", hs]
-    assert shapes["present.1.value"] == ["batch", nh, "total_sequence", hs]
+    assert shapes["past_lengths"] == ["batch"]
+    assert shapes["past_key_values.0.key"] == ["batch", nh, "cache_length", hs]
+    assert shapes["present.1.value"] == ["batch", nh, "cache_length", hs]
     assert shapes["logits"] == ["batch", "num_logits", model.config.vocab_size]
     # the weights live in the external data file, not in the graph
     assert (exported[0] / "model.onnx.data").stat().st_size > 4 * model.num_params() * 0.9
 
 
 def test_optimized_graph_is_fused(exported, model, tmp_path):
-    """Per layer, ONNX Runtime runs 4 MatMuls, one MultiHeadAttention (past, mask and q/k/v bias included), two
-    SkipLayerNormalizations (residual Add + bias + LayerNorm) and one FastGelu (with fc's bias)."""
+    """Per layer, ONNX Runtime runs 4 MatMuls (the first with its bias Add), two TensorScatters writing the new
+    keys/values into the cache (each after a Reshape and a Transpose to heads), one MultiHeadAttention (mask
+    included), two SkipLayerNormalizations (residual Add + bias + LayerNorm) and one FastGelu (with fc's bias)."""
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     so.log_severity_level = 3
@@ -95,38 +96,38 @@ def test_optimized_graph_is_fused(exported, model, tmp_path):
     ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
     n = model.config.n_layer
     assert (ops["MultiHeadAttention"], ops["SkipLayerNormalization"], ops["FastGelu"]) == (n, 2 * n, n)
+    assert (ops["TensorScatter"], ops["Transpose"]) == (2 * n, 2 * n)
     assert ops["MatMul"] == 4 * n + 1  # the Linear layers and the output layer
-    assert ops["Add"] == 1  # the embeddings' sum: every bias and residual Add is inside a fused node
-    assert not {"Concat", "Transpose", "Softmax", "Tanh"} & ops.keys()
+    assert ops["Add"] == n + 2  # q/k/v biases, the embeddings' sum, the positions: the rest is in fused nodes
+    assert ops["Concat"] <= 1 and not {"Softmax", "Tanh"} & ops.keys()  # Concat: one shape for every layer
 
 
 @torch.inference_mode()
 @pytest.mark.parametrize("past_lens,new", [([0], 5), ([1], 1), ([40], 3), ([0, 0], 4), ([1, 1, 1], 1),
                                            ([40, 7, 0, 1], 1), ([40, 25], 6)])
 def test_parity_with_pytorch_at_varying_past_and_batch(model, session, past_lens, new):
-    """Each row's past comes from its own batch-1 ORT call; the rows are then LEFT-padded into one batch
-    (export.verify pads on the right) and extended by `new` tokens; reference: a full forward pass per row."""
+    """Each row's past comes from its own batch-1 ORT call; the rows then share one cache, noise beyond each
+    row's length (export.verify's rows come from one padded call), and take `new` tokens each at its own length;
+    reference: a full forward pass per row."""
     cfg = model.config
     rng = np.random.default_rng(len(past_lens) * 100 + new)
     rows = [rng.integers(0, cfg.vocab_size, p + new).tolist() for p in past_lens]
-    B, P = len(rows), max(past_lens)
-    past = [np.zeros((B, cfg.n_head, P, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
-    mask = np.zeros((B, P + new), np.int64)
-    mask[:, P:] = 1
+    B, L = len(rows), max(past_lens) + new + 3
+    cache = [rng.normal(0, 100, (B, cfg.n_head, L, cfg.head_dim)).astype(np.float32) for _ in range(2 * cfg.n_layer)]
     for b, (row, p) in enumerate(zip(rows, past_lens)):
         if p:
-            _, present = run(session, [row[:p]], [list(range(p))], np.ones((1, p)), [[p - 1]], empty_past(cfg, 1))
-            for dst, src in zip(past, present):
-                dst[b, :, P - p:] = src[0]
-            mask[b, P - p:P] = 1
+            _, present = run(session, [row[:p]], [0], [[p - 1]], empty_cache(cfg, 1, p))
+            for dst, src in zip(cache, present):
+                dst[b, :, :p] = src[0]
     ids = [row[p:] for row, p in zip(rows, past_lens)]
-    pos = [list(range(p, p + new)) for p in past_lens]
-    logits, present = run(session, ids, pos, mask, [list(range(new))] * B, past)
+    logits, present = run(session, ids, past_lens, [list(range(new))] * B, cache)
     assert logits.shape == (B, new, cfg.vocab_size)
-    assert present[0].shape == (B, cfg.n_head, P + new, cfg.head_dim)
+    assert present[0].shape == (B, cfg.n_head, L, cfg.head_dim)
     for b, (row, p) in enumerate(zip(rows, past_lens)):
         ref = model(torch.tensor([row]))[0, p:].numpy()
         assert np.abs(logits[b] - ref).max() <= 1e-4, (b, past_lens)
+        beyond = p + new
+        assert all(np.array_equal(a[b, :, beyond:], c[b, :, beyond:]) for a, c in zip(present, cache))  # untouched
 
 
 @torch.inference_mode()
@@ -136,7 +137,7 @@ def test_present_equals_pytorch_kv_cache(model, session):
     ids = list(range(3, 20))
     cache = KVCache.for_model(cfg, 1, 32)
     model(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
-    _, present = run(session, [ids], [list(range(len(ids)))], np.ones((1, len(ids))), [[0]], empty_past(cfg, 1))
+    _, present = run(session, [ids], [0], [[0]], empty_cache(cfg, 1, len(ids)))
     for i in range(cfg.n_layer):
         assert np.abs(present[2 * i][0] - cache.k[i, 0, :, :len(ids)].numpy()).max() < 1e-5
         assert np.abs(present[2 * i + 1][0] - cache.v[i, 0, :, :len(ids)].numpy()).max() < 1e-5
@@ -235,8 +236,8 @@ def test_int8_session_perplexity_matches_report(quantized, trained):
     n = (len(ids) - 1) // cfg.block_size * cfg.block_size
     x, y = ids[:n].reshape(-1, cfg.block_size), ids[1:n + 1].reshape(-1, cfg.block_size)
     session = create_session(out / "model.onnx", threads=1)
-    pos = np.broadcast_to(np.arange(cfg.block_size), x.shape)
-    logits, _ = run(session, x, pos, np.ones_like(x), pos, empty_past(cfg, len(x)))
+    logits, _ = run(session, x, np.zeros(len(x)), np.broadcast_to(np.arange(cfg.block_size), x.shape),
+                    empty_cache(cfg, len(x), cfg.block_size))
     nll = F.cross_entropy(torch.from_numpy(logits).flatten(0, 1), torch.from_numpy(y).flatten())
     assert abs(float(nll.exp()) / manifest["verification"]["int8"]["perplexity"]["onnx"] - 1) < 1e-3
 
@@ -260,7 +261,7 @@ def test_incompatible_checkpoint_is_a_clear_error(toy_checkpoint, exported, tmp_
     assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "b")]) == 2
     assert "does not match its config" in capsys.readouterr().err
     assert main(["--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "c"), "--opset", "13"]) == 2
-    assert "opset must be >= 17" in capsys.readouterr().err
+    assert "opset must be >= 24" in capsys.readouterr().err
     assert not (tmp_path / "c" / "manifest.json").exists()
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("mine")

@@ -98,16 +98,17 @@ def test_continuous_batching_matches_generate_ids(export_dir, checkpoint, refere
 
 
 def test_logits_match_torch_backend_step_by_step(export_dir, checkpoint):
-    """Same calls into both backends, rows of different lengths joining, leaving, waiting: logits agree."""
+    """Same calls into both backends, rows of different lengths joining, leaving, waiting, the cache growing:
+    logits agree."""
     onnx_b, torch_b = OnnxBackend(export_dir, "cpu", 4), TorchBackend(checkpoint, "cpu", 4)
-    for buffers in onnx_b.buffers:  # uninitialised host memory may hold anything: padding must not leak it
-        for b in buffers:
-            b.fill(np.nan)
-    prompts = {0: list(range(40, 90)), 1: [5, 6, 7], 2: [9], 3: list(range(100, 117))}
+    rng = np.random.default_rng(0)
+    for b in onnx_b.buffers:  # what lies beyond a row's length must never be read: make it noise
+        b[:] = rng.normal(0, 100, b.size)
+    prompts = {0: list(range(40, 100)), 1: [5, 6, 7], 2: [9], 3: list(range(100, 117))}
     length = {}
-    rebuilds = []  # the slots of each full rebuild: joins and leaves on the CPU move single rows instead
-    rebuild = onnx_b._rebuild
-    onnx_b._rebuild = lambda slots: (rebuilds.append(list(slots)), rebuild(slots))[1]
+    capacities = []
+    resize = onnx_b._resize
+    onnx_b._resize = lambda capacity: (capacities.append(capacity), resize(capacity))[1]
 
     def both(fn, *args):
         a, b = getattr(onnx_b, fn)(*args), getattr(torch_b, fn)(*args)
@@ -126,20 +127,23 @@ def test_logits_match_torch_backend_step_by_step(export_dir, checkpoint):
 
     prefill([0, 1])
     for _ in range(4):
-        decode([0, 1])  # slot 1's row is padded: holes in its cache from now on
+        decode([0, 1])  # a cache of 64 positions; slot 0 fills it
     prefill([2, 3])
     both("release", 1)  # the last row leaves
     for step in range(3):
-        decode([3, 0, 2] if step % 2 else [0, 2, 3])  # 2 and 3 join as new rows; then the set in another order
-    decode([2])  # a subset: slots 0 and 3 wait outside the batch while the buffers are reused
+        decode([3, 0, 2] if step % 2 else [0, 2, 3])  # 2 and 3 join as new rows, the cache grows to 128
+    decode([2])  # a subset: slots 0 and 3 take padding tokens past their lengths, later written over
     decode([2])
-    decode([0, 2, 3])  # slot 0's cache is longer than the batch's past: a rebuild
+    decode([0, 2, 3])
     prefill([1])  # slot reuse
     decode([1, 0, 2, 3])  # joins as a new row
     both("release", 0)  # a middle row leaves: the last moves into its place
     decode([1, 2, 3])
     decode([3, 1, 2])
-    assert rebuilds == [[0, 1], [2], [0, 2, 3]]
+    assert capacities == [64, 128]
+    for s in (1, 2, 3):
+        both("release", s)
+    assert onnx_b.batch == [] and onnx_b.capacity == 0
 
 
 def test_backend_attributes_and_registry(export_dir, checkpoint):

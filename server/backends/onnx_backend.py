@@ -1,17 +1,17 @@
 """The ONNX Runtime backend: an export directory from `python -m export`, on the CUDA or the CPU provider.
 
-The graph takes the past keys/values as inputs and returns them extended by the new tokens (present), so the
-cache lives outside it. Between decode steps it stays where the graph wrote it: each step's presents are
-bound (IO binding) as the next step's past, with an attention mask saying which positions of each row are
-real. On CUDA the presents are OrtValues on the device. On the CPU they are written into one of two
-preallocated flat host buffers per tensor (the past is read from one while the present goes to the other),
-so the steady state allocates nothing and copies nothing beyond the graph's own concat.
+The graph takes the KV cache as a fixed-size buffer (rows x positions) and writes each step's keys/values into
+it; binding every present to its past's buffer (IO binding) makes that write in place. So a steady decode step
+copies nothing, and its bindings stay as they are: only the new tokens, the rows' lengths and which logits to
+return change. On the CPU the running batch's cache is a view of one preallocated flat host buffer per tensor
+(virtual until touched); on CUDA it lives on the device as OrtValues, and any change to the batch goes through
+the host copy.
 
-Prefilled prompts wait on the host ("parked") until the next decode step takes them into the batch. On the
-CPU, a request leaving moves the batch's last row into its place, and one joining becomes a new last row,
-right-padded (with zeros, mask 0) to the batch's past length: a row's copy each, not the batch's. Otherwise
-(on CUDA, a prompt longer than the batch's past, a step over some of the running slots only) the batch is
-rebuilt once: each slot's real positions are copied into the new layout, rows right-padded to the longest.
+Prefilled prompts wait on the host ("parked") until the next decode step takes them into the batch as new last
+rows. A request leaving moves the batch's last row into its place; a running request left out of a step (rare)
+is parked again, its cache copied out. The cache holds `capacity` positions per
+row, grown CHUNK at a time as the longest row needs (one copy of the batch's cache per CHUNK steps), and
+attention reads all of them: the positions beyond a row's length are masked.
 """
 from __future__ import annotations
 
@@ -63,19 +63,19 @@ class OnnxBackend:
         cfg = self.config
         self.past_names, self.present_names = past_names(cfg.n_layer), present_names(cfg.n_layer)
         self.binding = self.session.io_binding()
+        self.bound = False  # whether the binding holds the running batch's cache and logits as they are now
         self.length: dict[int, int] = {}  # slot -> positions in its cache
         self.parked: dict[int, list[np.ndarray]] = {}  # slot -> 2*n_layer (nh, L, hs), not in the batch
-        # the running batch: its slots (None once released), past (n, nh, P, hs) per tensor, mask (n, P)
-        self.batch: list[int | None] = []
-        self.past: list = []
-        self.mask = np.zeros((0, 0), np.int64)
-        # CPU: two flat buffers per past tensor, sized for max_batch x context (virtual until touched)
-        capacity = max_batch * cfg.n_head * cfg.block_size * cfg.head_dim
-        self.buffers = ([[np.empty(capacity, np.float32) for _ in self.past_names] for _ in range(2)]
-                        if self.device == "cpu" else None)
-        self.spare = 0  # the buffer set the next present goes to
-        # CPU decode steps write their logits (n, 1, V) here: no ORT allocation, no OrtValue wrappers to fetch
-        self.logits = np.empty((max_batch, 1, cfg.vocab_size), np.float32) if self.device == "cpu" else None
+        self.batch: list[int] = []  # the running slots, in row order
+        self.capacity = 0  # positions per row of the running cache
+        # one flat host buffer per cache tensor, sized max_batch x context; zeros, so that what lies beyond a
+        # row's length is finite (masked keys' values still meet a zero weight)
+        size = max_batch * cfg.n_head * cfg.block_size * cfg.head_dim
+        self.buffers = [np.zeros(size, np.float32) for _ in self.past_names]
+        self.cache: list[np.ndarray] = []  # views (n, nh, capacity, hs) of the buffers
+        self.device_cache: list[ort.OrtValue] | None = None  # CUDA: the cache while it is on the device
+        # decode steps write their logits (n, 1, V) here: no ORT allocation, no OrtValue wrappers to fetch
+        self.logits = np.empty((max_batch, 1, cfg.vocab_size), np.float32)
 
     # -- Backend ------------------------------------------------------------------------------------------
 
@@ -87,19 +87,25 @@ class OnnxBackend:
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1 or max(lengths) > self.config.block_size:
             raise ValueError(f"prompt lengths must be in [1, {self.config.block_size}], got {lengths}")
+        cfg = self.config
         n, T = len(prompts), max(lengths)
         ids = np.full((n, T), self.tokenizer.pad_id, np.int64)
-        mask = np.zeros((n, T), np.int64)
         for b, p in enumerate(prompts):
-            ids[b, :len(p)], mask[b, :len(p)] = p, 1
-        pos = np.broadcast_to(np.arange(T), (n, T))
-        empty = np.zeros((n, self.config.n_head, 0, self.config.head_dim), np.float32)
-        logits, present = self._run(ids, pos, mask, np.array(lengths)[:, None] - 1, [empty] * len(self.past_names),
-                                    to_host=True)
+            ids[b, :len(p)] = p
+        cache = [np.empty((n, cfg.n_head, T, cfg.head_dim), np.float32) for _ in self.past_names]  # all written
+        io = self.binding
+        self._bind_step(ids, np.zeros(n, np.int64), np.array(lengths)[:, None] - 1)
+        for past, present, a in zip(self.past_names, self.present_names, cache):
+            io.bind_cpu_input(past, a)
+            io.bind_output(present, "cpu", 0, np.float32, a.shape, a.ctypes.data)
+        logits = np.empty((n, 1, cfg.vocab_size), np.float32)
+        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self.bound = False
+        self.session.run_with_iobinding(io)
         for b, (s, L) in enumerate(zip(slots, lengths)):
-            self.parked[s] = [a[b, :, :L] for a in present]
+            self.parked[s] = [a[b, :, :L] for a in cache]
             self.length[s] = L
-        return torch.from_numpy(logits[:, -1])  # (n, V)
+        return torch.from_numpy(logits[:, -1])
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token per slot, each at its slot's next position."""
@@ -112,128 +118,108 @@ class OnnxBackend:
                 raise ValueError(f"slot {s} has {self.length[s]} positions cached; cannot decode at position {p}")
             if p >= self.config.block_size:
                 raise ValueError(f"position {p} is beyond the context length {self.config.block_size}")
-        if None in self.batch or sorted(slots) != sorted(self.batch):
-            joining = [s for s in slots if s not in self.batch]
-            # CPU (whose batch has no released rows left in it): newcomers no longer than the batch's past append
-            if (self.buffers is not None and self.batch and set(self.batch) <= set(slots) and joining
-                    and max(self.length[s] for s in joining) <= self.mask.shape[1]):
-                self._append(joining)
-            else:
-                self._rebuild(slots)
+        for s in [s for s in self.batch if s not in slots]:  # rare: the scheduler releases ended requests first
+            self._park(s)
+        joining = [s for s in slots if s not in self.batch]
+        need = max(self.length[s] for s in slots) + 1
+        if need > self.capacity:
+            self._resize(min(-(-need // self.CHUNK) * self.CHUNK, self.config.block_size))
+        if joining:
+            self._append(joining)
         n = len(self.batch)
         rows = [self.batch.index(s) for s in slots]  # the batch keeps its order; the caller's may differ
-        ids, pos = np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64)
-        ids[rows, 0], pos[rows, 0] = tokens, positions
-        mask = np.concatenate([self.mask, np.ones((n, 1), np.int64)], axis=1)
-        logits, self.past = self._run(ids, pos, mask, np.zeros((n, 1), np.int64), self.past)
-        self.mask = mask
+        ids = np.empty((n, 1), np.int64)
+        ids[rows, 0] = tokens
+        self._bind_step(ids, np.array([self.length[s] for s in self.batch], np.int64), np.zeros((n, 1), np.int64))
+        if not self.bound:
+            self._bind_cache()
+        self.session.run_with_iobinding(self.binding)
         for s in slots:
             self.length[s] += 1
-        return torch.from_numpy(logits[rows, -1])  # (n, V), a copy: the next step rewrites self.logits
+        return torch.from_numpy(self.logits[rows, -1])  # (n, V), a copy: the next step rewrites self.logits
 
     def release(self, slot: int) -> None:
         del self.length[slot]
         self.parked.pop(slot, None)
-        if slot not in self.batch:
-            return
-        row = self.batch.index(slot)
-        if self.buffers is None:  # CUDA: the row stays until the batch is rebuilt; it is never fed again
-            self.batch[row] = None
-            return
-        last = len(self.batch) - 1  # CPU: the last row moves into the hole and the batch shrinks by one
-        if row != last:
-            for a in self.past:
-                a[row] = a[last]
-            self.mask[row], self.batch[row] = self.mask[last], self.batch[last]
-        self.batch.pop()
-        self.past, self.mask = [a[:last] for a in self.past], self.mask[:last]  # prefixes: still contiguous
+        if slot in self.batch:
+            self._remove(slot)
 
     # -- internals ----------------------------------------------------------------------------------------
 
-    def _next_buffers(self, shape: tuple[int, ...]) -> list[np.ndarray]:
-        """Views of the spare host buffer set, shaped (n, nh, P, hs): contiguous, as ORT needs them."""
-        size = math.prod(shape)  # not np.prod: this runs 2 x n_layer times a step
-        views = [b[:size].reshape(shape) for b in self.buffers[self.spare]]
-        self.spare ^= 1
-        return views
+    CHUNK = 64  # positions the cache grows by: attention reads at most CHUNK - 1 unused ones per row
 
-    def _run(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, logits_index: np.ndarray, past: list,
-             to_host: bool = False) -> tuple[np.ndarray, list]:
-        """One graph call through IO binding. Logits come back to the host as numpy; presents go to the next
-        host buffer set (CPU), to new host arrays (to_host), or stay on the device as OrtValues (CUDA)."""
-        io = self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        for name, a in (("input_ids", ids), ("position_ids", pos), ("attention_mask", mask),
-                        ("logits_index", logits_index)):
-            io.bind_cpu_input(name, np.ascontiguousarray(a, np.int64))
-        for name, value in zip(self.past_names, past):
-            if isinstance(value, np.ndarray):
-                io.bind_cpu_input(name, value)
-            else:
-                io.bind_ortvalue_input(name, value)
-        n, P = mask.shape
-        shape = (n, self.config.n_head, P, self.config.head_dim)
-        if to_host or self.buffers is None:
-            io.bind_output("logits", "cpu")
-            for name in self.present_names:  # fresh outputs every step: their shapes grow by one position
-                io.bind_output(name, "cpu" if to_host else self.device)
-            self.session.run_with_iobinding(io)
-            logits, *outputs = io.get_outputs()
-            return logits.numpy(), [o.numpy() for o in outputs] if to_host else outputs
-        logits = self.logits[:n]
-        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        present = self._next_buffers(shape)
-        for name, a in zip(self.present_names, present):
-            io.bind_output(name, "cpu", 0, np.float32, shape, a.ctypes.data)
-        self.session.run_with_iobinding(io)
-        return logits, present
+    def _views(self, n: int, capacity: int) -> list[np.ndarray]:
+        """The buffers' first n rows shaped (n, nh, capacity, hs): contiguous, as ORT needs them."""
+        shape = (n, self.config.n_head, capacity, self.config.head_dim)
+        size = math.prod(shape)
+        return [b[:size].reshape(shape) for b in self.buffers]
+
+    def _resize(self, capacity: int) -> None:
+        """Lay the running rows out `capacity` positions apart, within their buffers."""
+        self._to_host()
+        n, old = len(self.batch), self.capacity
+        for src, dst in zip(self._views(n, old), self._views(n, capacity)):
+            dst[:, :, :old] = src  # overlapping ranges of one buffer: numpy copies through a temporary
+        self.cache, self.capacity = self._views(n, capacity), capacity
+        self.bound = False
 
     def _append(self, slots: list[int]) -> None:
-        """Parked `slots` become new rows after the running ones (CPU), right-padded to the batch's past length
-        P: the running rows stay where they are in the buffer set that holds the past."""
-        n, P = self.mask.shape
-        cfg = self.config
-        shape = (n + len(slots), cfg.n_head, P, cfg.head_dim)
-        size = math.prod(shape)
-        self.past = [b[:size].reshape(shape) for b in self.buffers[self.spare ^ 1]]  # spare: the next present's
-        self.mask = np.concatenate([self.mask, np.zeros((len(slots), P), np.int64)])
+        """Parked `slots` become new last rows; the running rows stay where they are."""
+        self._to_host()
+        n = len(self.batch)
+        self.cache = self._views(n + len(slots), self.capacity)
         for row, s in enumerate(slots, start=n):
-            self.mask[row, :self._place(self.past, row, self.parked.pop(s))] = 1
+            for dst, src in zip(self.cache, self.parked.pop(s)):
+                dst[row, :, :src.shape[1]] = src
         self.batch += slots
+        self.bound = False
 
-    @staticmethod
-    def _place(past: list[np.ndarray], row: int, cache: list[np.ndarray]) -> int:
-        """Write a slot's (nh, L, hs) keys/values into `row` of the batch's past, zeros after; returns L."""
-        L = cache[0].shape[1]
-        for dst, src in zip(past, cache):
-            dst[row, :, :L] = src
-            dst[row, :, L:] = 0  # padding is masked, but must be finite: 0 * NaN would leak through
-        return L
+    def _park(self, slot: int) -> None:
+        """Take a running slot out of the batch, its cache copied out (the buffers are reused)."""
+        self._to_host()
+        row = self.batch.index(slot)
+        self.parked[slot] = [a[row, :, :self.length[slot]].copy() for a in self.cache]
+        self._remove(slot)
 
-    def _rebuild(self, slots: list[int]) -> None:
-        """Make `slots` (in this order) the running batch: every row compacted, right-padded to the longest."""
-        keep = set(slots)
-        kv = [v if isinstance(v, np.ndarray) else v.numpy() for v in self.past]  # (n, nh, P, hs) on the host
-        for row, s in enumerate(self.batch):
-            if s is None:
-                continue
-            real = np.flatnonzero(self.mask[row])
-            L = len(real)
-            if real[-1] == L - 1:  # a prefix: a view, no copy yet
-                cache = [a[row, :, :L] for a in kv]
-            else:  # holes where the row was padded before it grew
-                cache = [a[row][:, real] for a in kv]
-            # a row that waits outside the batch must not point into a buffer the next steps overwrite
-            self.parked[s] = cache if s in keep else [np.array(c) for c in cache]
-        n, P = len(slots), max(self.length[s] for s in slots)
-        cfg = self.config
-        shape = (n, cfg.n_head, P, cfg.head_dim)
-        past = (self._next_buffers(shape) if self.buffers is not None
-                else [np.empty(shape, np.float32) for _ in self.past_names])
-        self.mask = np.zeros((n, P), np.int64)
-        for row, s in enumerate(slots):
-            self.mask[row, :self._place(past, row, self.parked.pop(s))] = 1
-        self.past = past if self.buffers is not None else [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
-                                                           for a in past]
-        self.batch = list(slots)
+    def _remove(self, slot: int) -> None:
+        """Drop a slot's row: the last row moves into its place."""
+        self._to_host()
+        row, last = self.batch.index(slot), len(self.batch) - 1
+        if row != last:
+            for a in self.cache:
+                a[row] = a[last]
+            self.batch[row] = self.batch[last]
+        self.batch.pop()
+        self.cache = [a[:last] for a in self.cache]  # prefixes: still contiguous
+        if not self.batch:
+            self.capacity = 0  # the next batch starts short again
+        self.bound = False
+
+    def _bind_step(self, ids: np.ndarray, past_lengths: np.ndarray, logits_index: np.ndarray) -> None:
+        # the binding points into these arrays without holding them: they live until the next step's
+        self.step_inputs = (ids, past_lengths, logits_index)
+        for name, a in zip(("input_ids", "past_lengths", "logits_index"), self.step_inputs):
+            self.binding.bind_cpu_input(name, a)
+
+    def _bind_cache(self) -> None:
+        """Bind each present to its past's buffer (host or device) and the logits to self.logits."""
+        io = self.binding
+        if self.device == "cpu":
+            for past, present, a in zip(self.past_names, self.present_names, self.cache):
+                io.bind_cpu_input(past, a)
+                io.bind_output(present, "cpu", 0, np.float32, a.shape, a.ctypes.data)
+        else:
+            self.device_cache = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in self.cache]
+            for past, present, v in zip(self.past_names, self.present_names, self.device_cache):
+                io.bind_ortvalue_input(past, v)
+                io.bind_ortvalue_output(present, v)
+        logits = self.logits[:len(self.batch)]
+        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self.bound = True
+
+    def _to_host(self) -> None:
+        """CUDA: bring the cache back to the host views before the batch changes."""
+        if self.device_cache is not None:
+            for a, v in zip(self.cache, self.device_cache):
+                a[...] = v.numpy()
+            self.device_cache = None
