@@ -97,10 +97,12 @@ def test_continuous_batching_matches_generate_ids(export_dir, checkpoint, refere
     assert not backend.length and not backend.parked  # everything released
 
 
-def test_logits_match_torch_backend_step_by_step(export_dir, checkpoint):
+@pytest.mark.parametrize("ortvalues", [False, True], ids=["host-views", "ortvalues"])
+def test_logits_match_torch_backend_step_by_step(export_dir, checkpoint, ortvalues):
     """Same calls into both backends, rows of different lengths joining, leaving, waiting, the cache growing:
-    logits agree."""
+    logits agree. `ortvalues` keeps the cache in OrtValues between steps, as on CUDA (here on the CPU)."""
     onnx_b, torch_b = OnnxBackend(export_dir, "cpu", 4), TorchBackend(checkpoint, "cpu", 4)
+    onnx_b.keep_on_device = ortvalues
     rng = np.random.default_rng(0)
     for b in onnx_b.buffers:  # what lies beyond a row's length must never be read: make it noise
         b[:] = rng.normal(0, 100, b.size)

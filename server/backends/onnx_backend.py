@@ -73,7 +73,9 @@ class OnnxBackend:
         size = max_batch * cfg.n_head * cfg.block_size * cfg.head_dim
         self.buffers = [np.zeros(size, np.float32) for _ in self.past_names]
         self.cache: list[np.ndarray] = []  # views (n, nh, capacity, hs) of the buffers
-        self.device_cache: list[ort.OrtValue] | None = None  # CUDA: the cache while it is on the device
+        # CUDA: the cache lives between steps as OrtValues on the device (the host views are stale meanwhile)
+        self.keep_on_device = self.device == "cuda"
+        self.device_cache: list[ort.OrtValue] | None = None
         # decode steps write their logits (n, 1, V) here: no ORT allocation, no OrtValue wrappers to fetch
         self.logits = np.empty((max_batch, 1, cfg.vocab_size), np.float32)
 
@@ -204,13 +206,16 @@ class OnnxBackend:
     def _bind_cache(self) -> None:
         """Bind each present to its past's buffer (host or device) and the logits to self.logits."""
         io = self.binding
-        if self.device == "cpu":
+        if not self.keep_on_device:
             for past, present, a in zip(self.past_names, self.present_names, self.cache):
                 io.bind_cpu_input(past, a)
                 io.bind_output(present, "cpu", 0, np.float32, a.shape, a.ctypes.data)
         else:
-            self.device_cache = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in self.cache]
-            for past, present, v in zip(self.past_names, self.present_names, self.device_cache):
+            self.device_cache = []
+            for past, present, a in zip(self.past_names, self.present_names, self.cache):
+                v = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, np.float32, self.device, 0)
+                v.update_inplace(a)  # a copy (from_numpy would share a CPU array's memory)
+                self.device_cache.append(v)
                 io.bind_ortvalue_input(past, v)
                 io.bind_ortvalue_output(present, v)
         logits = self.logits[:len(self.batch)]
