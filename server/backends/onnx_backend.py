@@ -9,9 +9,10 @@ the host copy.
 
 Prefilled prompts wait on the host ("parked") until the next decode step takes them into the batch as new last
 rows. A request leaving moves the batch's last row into its place; a running request left out of a step (rare)
-is parked again, its cache copied out. The cache holds `capacity` positions per
-row, grown CHUNK at a time as the longest row needs (one copy of the batch's cache per CHUNK steps), and
-attention reads all of them: the positions beyond a row's length are masked.
+is parked again, its cache copied out. The cache holds `capacity` positions per row, grown CHUNK at a time as
+the longest row needs (one copy of the batch's cache per CHUNK steps), and attention reads all of them: the
+positions beyond a row's length are masked. Against the concatenating graph of format 1 (GPT-2-small, 2 cores),
+a 16-row step at ~460 positions went from 56-58 to 41-43 ms, at ~910 from 73-93 to 56-59 ms.
 """
 from __future__ import annotations
 
