@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from clients import bench_decode, bench_serving, bench_train
-from clients.bench_common import check_device, time_decode, weight_bytes
+from clients.bench_common import check_device, ensure_export, time_decode, weight_bytes
+from export.runtime import FORMAT
 from server.backends.torch_backend import TorchBackend
 from ulm.checkpoint import load_checkpoint
 from ulm.config import gpt_preset
@@ -98,6 +99,18 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
     assert all(set(t) == {"name", "value", "target", "met", "rounds_met", "rounds"} for t in run["targets"])
     assert all(t["rounds"] == 1 and t["rounds_met"] == int(t["met"]) for t in run["targets"])  # one round
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ensure_export_reuses_only_a_current_export(toy_checkpoint, tmp_path, capsys):
+    out = ensure_export(toy_checkpoint, None, tmp_path)
+    manifest = out / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    assert ensure_export(toy_checkpoint, None, tmp_path) == out and manifest.stat().st_mtime_ns == written
+    assert capsys.readouterr().out.count("exporting") == 1
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": "ulm-onnx/1"}))
+    assert ensure_export(toy_checkpoint, None, tmp_path) == out  # an older format: exported again
+    assert json.loads(manifest.read_text())["format"] == FORMAT
+    assert capsys.readouterr().out.count("exporting") == 1
 
 
 def bench_decode_has_hf() -> bool:

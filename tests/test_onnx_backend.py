@@ -203,6 +203,12 @@ def test_errors(export_dir, checkpoint, tmp_path):
         f.truncate(100)
     with pytest.raises(ExportError, match="model.onnx.data is missing or has the wrong size"):
         OnnxBackend(broken, "cpu", 2)
+    old = tmp_path / "old"  # an export from before the in-place cache
+    shutil.copytree(export_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": "ulm-onnx/1"}))
+    with pytest.raises(ExportError, match="'ulm-onnx/1', expected 'ulm-onnx/2'.*export` on its checkpoint again"):
+        OnnxBackend(old, "cpu", 2)
 
 
 def test_grpc_greedy_streams_identical_to_torch_backend(checkpoint, export_dir):
