@@ -10,9 +10,9 @@ hs head size):
 A row's cache holds its tokens from position 0 on, without holes; the new tokens take the positions after them
 (their position ids too), and each token attends to the positions up to its own. So rows of a batch may hold
 sequences of different lengths, and what lies beyond a row's length is never read (it must be finite: masked
-keys' values still meet a zero weight). L >= past_lengths[b] + T. Bind each present to its past's buffer and the
-cache is updated in place: a step copies nothing but the new tokens' keys/values (ORT's kernel skips the copy
-when the buffers are one). logits_index is GPT.forward's `logits_at`: a prefill asks for its last position only
+keys' values still meet a zero weight). L >= past_lengths[b] + T. Bind each present to its past's buffer and
+the cache is updated in place: a step copies nothing but the new tokens' keys/values (ORT's kernel skips the
+copy when the buffers are one). logits_index is GPT.forward's `logits_at`: a prefill asks for its last position only
 and skips a (T, C) x (C, V) matmul; pass arange(T) for every position.
 
 The graph holds ONNX Runtime's fused operators (domain com.microsoft: MultiHeadAttention,
@@ -24,7 +24,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

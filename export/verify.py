@@ -3,7 +3,8 @@
 Parity: ONNX Runtime logits against GPT.forward (a full pass without a cache, row by row) at past lengths 0,
 1 and N, batch 1 and 3 (rows of different lengths: the prefixes go in right-padded, each row's new tokens at its
 own length), for one new token and for a chunk. Greedy: ulm.generate.generate_ids against an ONNX Runtime loop
-that feeds each step's present back as the next past. Perplexity: mean next-token loss over block-size windows of held-out tokens.
+that feeds each step's present back as the next past. Perplexity: mean next-token loss over block-size windows
+of held-out tokens.
 """
 from __future__ import annotations
 
