@@ -1,7 +1,7 @@
 """The model `python -m server` serves when given no --checkpoint: µLM's 2-digit adder.
 
 It needs no data and no network: the training data is made on the fly. The first start trains it (about a
-minute or two on 2 cores, with a progress bar) into the cache; later starts load it from there.
+quarter of a minute on 2 cores, with a progress bar) into the cache; later starts load it from there.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def ensure_default_checkpoint() -> Path:
     target = cache_root() / "models" / f"default-{PRESET}"
     if (target / CONFIG_FILE).is_file():
         return target
-    log.info("no default model in %s yet: training the %r preset once (this takes a minute or two)", target, PRESET)
+    log.info("no default model in %s yet: training the %r preset once (about 15 s on 2 cores)", target, PRESET)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".train-") as run_dir:
         best = train(PRESET, run_dir)
