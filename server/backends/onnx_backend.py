@@ -35,6 +35,7 @@ class OnnxBackend:
     # sampling on one torch thread: an idle torch thread spinning after a parallel argmax slowed batch-16 steps
     # ~30% (GPT-2-small, 2 cores: 36 -> 27 ms), and ORT's threads are the ones to keep busy
     torch_threads = 1
+    CHUNK = 64  # positions the cache grows by: attention reads at most CHUNK - 1 unused ones per row
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", max_batch: int = 32,
                  threads: int | None = None, spin: bool = True):
@@ -96,15 +97,11 @@ class OnnxBackend:
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
         cache = [np.empty((n, cfg.n_head, T, cfg.head_dim), np.float32) for _ in self.past_names]  # all written
-        io = self.binding
-        self._bind_step(ids, np.zeros(n, np.int64), np.array(lengths)[:, None] - 1)
-        for past, present, a in zip(self.past_names, self.present_names, cache):
-            io.bind_cpu_input(past, a)
-            io.bind_output(present, "cpu", 0, np.float32, a.shape, a.ctypes.data)
         logits = np.empty((n, 1, cfg.vocab_size), np.float32)
-        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        self.bound = False
-        self.session.run_with_iobinding(io)
+        self._bind_step(ids, np.zeros(n, np.int64), np.array(lengths)[:, None] - 1)
+        self._bind_host(cache, logits)
+        self.bound = False  # the binding now holds this call's arrays
+        self.session.run_with_iobinding(self.binding)
         for b, (s, L) in enumerate(zip(slots, lengths)):
             self.parked[s] = [a[b, :, :L] for a in cache]
             self.length[s] = L
@@ -148,8 +145,6 @@ class OnnxBackend:
             self._remove(slot)
 
     # -- internals ----------------------------------------------------------------------------------------
-
-    CHUNK = 64  # positions the cache grows by: attention reads at most CHUNK - 1 unused ones per row
 
     def _views(self, n: int, capacity: int) -> list[np.ndarray]:
         """The buffers' first n rows shaped (n, nh, capacity, hs): contiguous, as ORT needs them."""
@@ -204,14 +199,21 @@ class OnnxBackend:
         for name, a in zip(("input_ids", "past_lengths", "logits_index"), self.step_inputs):
             self.binding.bind_cpu_input(name, a)
 
-    def _bind_cache(self) -> None:
-        """Bind each present to its past's buffer (host or device) and the logits to self.logits."""
+    def _bind_host(self, cache: list[np.ndarray], logits: np.ndarray) -> None:
+        """Bind each present to its past's host array (the write is in place) and the logits to `logits`."""
         io = self.binding
+        for past, present, a in zip(self.past_names, self.present_names, cache):
+            io.bind_cpu_input(past, a)
+            io.bind_output(present, "cpu", 0, np.float32, a.shape, a.ctypes.data)
+        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+
+    def _bind_cache(self) -> None:
+        """Bind the running batch's cache (host views, or device copies of them) and self.logits."""
+        logits = self.logits[:len(self.batch)]
         if not self.keep_on_device:
-            for past, present, a in zip(self.past_names, self.present_names, self.cache):
-                io.bind_cpu_input(past, a)
-                io.bind_output(present, "cpu", 0, np.float32, a.shape, a.ctypes.data)
+            self._bind_host(self.cache, logits)
         else:
+            io = self.binding
             self.device_cache = []
             for past, present, a in zip(self.past_names, self.present_names, self.cache):
                 v = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, np.float32, self.device, 0)
@@ -219,8 +221,7 @@ class OnnxBackend:
                 self.device_cache.append(v)
                 io.bind_ortvalue_input(past, v)
                 io.bind_ortvalue_output(present, v)
-        logits = self.logits[:len(self.batch)]
-        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+            io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.bound = True
 
     def _to_host(self) -> None:
