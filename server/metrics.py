@@ -25,6 +25,8 @@ class Metrics:
                                              registry=r)
         self.generated_tokens = Counter("ulm_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("ulm_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.context_slides = Counter("ulm_context_slides", "Times a sequence filled the context and went on from "
+                                      "its last half", registry=r)
         self.batch_size = Histogram("ulm_decode_batch_size", "Requests per decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self._http = None

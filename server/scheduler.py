@@ -9,10 +9,13 @@ so the event loop keeps streaming; all scheduler state is touched only on the ev
 The loop works one decode step ahead: it queues step n+1 while step n runs, then turns step n's tokens into
 text, so the worker starts the next pass as soon as one ends instead of waiting for the loop. Step n+1 feeds
 each sequence the token that step n samples, which only the worker knows in time: the worker keeps it on the
-sequence (`Sequence.next`) and skips a sequence whose token ends it by id alone (EOS, max_new_tokens, the
-context). A sequence that a stop string, a cancellation or its deadline ends while its next step is queued
-just loses that step's token. A sequence's generator draws once per step it takes part in, in step order, so
-seeded sampling is unchanged; admission waits for at most the one step already queued.
+sequence (`Sequence.next`) and skips a sequence whose token ends it by id alone (EOS, max_new_tokens). A
+sequence that a stop string, a cancellation or its deadline ends while its next step is queued just loses that
+step's token. A sequence's generator draws once per step it takes part in, in step order, so seeded sampling
+is unchanged; admission waits for at most the one step already queued.
+
+A sequence may run past the model's context: when it fills the context, it goes on from the last half of it
+(ulm.generate.slide_window, as in-process generation does), prefilled again in its slot within the decode step.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from server.backends.base import Backend
 from server.detokenize import TextStream
 from server.errors import DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
 from server.metrics import Metrics
-from ulm.generate import SamplingParams, sample_batch
+from ulm.generate import SamplingParams, sample_batch, slide_window
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +65,15 @@ class Chunk:
 class Sequence:
     """A request inside the scheduler: its slot, its sampled tokens and its output queue."""
 
-    def __init__(self, req: GenerationRequest, stream: TextStream, eos_id: int, context: int):
+    def __init__(self, req: GenerationRequest, stream: TextStream, eos_id: int):
         self.req = req
         self.generator = None if req.params.greedy else req.params.make_generator()
         self.stream = stream
         self.eos_id = eos_id
-        self.limit = min(req.max_new_tokens, context - len(req.prompt_ids))  # no position past the context
         self.tokens: list[int] = []
         self.slot: int | None = None
+        # worker thread only: the prompt and every sampled token; the slot caches ids[start:] (see slide_window)
+        self.ids, self.start = list(req.prompt_ids), 0
         self.next: tuple[int, int] | None = None  # worker thread only: (token, position) the next decode feeds
         self.out: asyncio.Queue[Chunk] = asyncio.Queue()
         self.cancelled: str | None = None  # why the client went away: "cancelled" or "deadline"
@@ -76,12 +82,14 @@ class Sequence:
         self.arrival = self.last = time.monotonic()
 
     def ends(self, token: int, count: int) -> bool:
-        """Whether its count-th generated token ends it whatever the text: EOS, max_new_tokens or the context."""
-        return token == self.eos_id or count >= self.limit
+        """Whether its count-th generated token ends it whatever the text: EOS or max_new_tokens."""
+        return token == self.eos_id or count >= self.req.max_new_tokens
 
-    def sampled(self, token: int, position: int) -> None:
-        """Worker thread: the next decode feeds `token` at `position`, unless the token ends the sequence."""
-        self.next = None if self.ends(token, position - len(self.req.prompt_ids) + 1) else (token, position)
+    def sampled(self, token: int) -> None:
+        """Worker thread: the next decode feeds `token` after the cached ones, unless the token ends the sequence."""
+        self.ids.append(token)
+        ended = self.ends(token, len(self.ids) - len(self.req.prompt_ids))
+        self.next = None if ended else (token, len(self.ids) - 1 - self.start)
 
     def dropped(self, now: float) -> str | None:
         if self.aborted:
@@ -131,8 +139,7 @@ class Scheduler:
         if len(self.waiting) >= self.max_queue + len(self.free):
             raise ResourceExhausted(f"queue is full: {len(self.waiting)} requests waiting for "
                                     f"{self.backend.max_batch} slots (--max-queue {self.max_queue})")
-        seq = Sequence(req, TextStream(self.backend.tokenizer, req.stop), self.eos_id,
-                       self.backend.config.block_size)
+        seq = Sequence(req, TextStream(self.backend.tokenizer, req.stop), self.eos_id)
         self.waiting.append(seq)
         self.metrics.queue_depth.set(len(self.waiting))
         self._idle.clear()
@@ -277,7 +284,7 @@ class Scheduler:
         self.held.update(slots)
         tokens = sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
         for seq, token in zip(seqs, tokens):
-            seq.sampled(token, len(seq.req.prompt_ids))
+            seq.sampled(token)
         return seqs, tokens
 
     def _decode_sync(self, released: list[int], seqs: list[Sequence],
@@ -291,15 +298,37 @@ class Scheduler:
             return [], []
         seqs, slots = [seq for seq, _ in live], [slot for _, slot in live]
         try:
-            logits = self.backend.decode(slots, [s.next[0] for s in seqs], [s.next[1] for s in seqs])
+            logits = self._step_logits(seqs, slots)
             tokens = sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
         except Exception:
             for seq in seqs:  # the loop fails them; the step queued behind this one skips them
                 seq.next = None
             raise
         for seq, token in zip(seqs, tokens):
-            seq.sampled(token, seq.next[1] + 1)
+            seq.sampled(token)
         return seqs, tokens
+
+    def _step_logits(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
+        """The next-token logits (n, V) of a decode step. A sequence whose next position is past the context goes
+        on from the last half of it: released and prefilled again in its slot, beside the others' decode."""
+        context = self.backend.config.block_size
+        full = [i for i, s in enumerate(seqs) if s.next[1] == context]
+        if not full:
+            return self.backend.decode(slots, [s.next[0] for s in seqs], [s.next[1] for s in seqs])
+        windows = [slide_window(seqs[i].ids, context) for i in full]
+        for i, window in zip(full, windows):
+            seqs[i].start = len(seqs[i].ids) - len(window)
+        refill = [slots[i] for i in full]
+        self.metrics.context_slides.inc(len(refill))
+        self._release_sync(refill)
+        logits = torch.empty(len(seqs), self.backend.config.vocab_size)
+        logits[full] = self.backend.prefill(refill, windows)
+        self.held.update(refill)
+        rest = [i for i in range(len(seqs)) if seqs[i].next[1] < context]
+        if rest:
+            logits[rest] = self.backend.decode([slots[i] for i in rest], [seqs[i].next[0] for i in rest],
+                                               [seqs[i].next[1] for i in rest])
+        return logits
 
     # results, on the event loop
 

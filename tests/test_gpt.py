@@ -161,8 +161,27 @@ def test_forward_rejects_lengths_beyond_context_and_cache(model):
     cache = KVCache.for_model(cfg, 1, max_len=4)
     with pytest.raises(ValueError, match="KV cache"):
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[4]]), cache)
-    with pytest.raises(ValueError, match="context length"):
-        generate_ids(model, [1, 2], cfg.block_size)
+    with pytest.raises(ValueError, match="prompt .* exceeds the context length"):
+        generate_ids(model, [1] * (cfg.block_size + 1), 1)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, "context"])
+def test_generation_past_the_context_slides_its_window(model, prompt_len):
+    """Past the context, each token is the argmax of a cache-free pass over the window it was sampled from: the
+    window starts at the prompt and, whenever a new token would not fit, restarts at the last half of it."""
+    context = model.config.block_size
+    n = context if prompt_len == "context" else prompt_len
+    torch.manual_seed(6)
+    prompt = rand_ids(model, n)
+    new = 2 * context + 3
+    got = generate_ids(model, prompt, new)
+    seq, start, slides = list(prompt), 0, 0
+    for _ in range(new):
+        if len(seq) - start > context:
+            start, slides = len(seq) - context // 2, slides + 1
+        seq.append(int(full_logits(model, seq[start:])[-1].argmax()))
+    assert got == seq[len(prompt):]
+    assert slides >= 3
 
 
 def expected_params(cfg: GPTConfig) -> int:

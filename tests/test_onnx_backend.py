@@ -213,6 +213,7 @@ def test_errors(export_dir, checkpoint, tmp_path):
 
 def test_grpc_greedy_streams_identical_to_torch_backend(checkpoint, export_dir):
     prompts = ["Hello", "The quick brown fox", "a", "Once upon a time there was", "1 2 3", "zzz"]
+    new = [20 + 7 * i for i in range(len(prompts) - 1)] + [300]  # the last one's window slides (context 128)
 
     def generate_all(server) -> list[tuple[list[int], str]]:
         with grpc.insecure_channel(server.target) as channel:
@@ -221,7 +222,7 @@ def test_grpc_greedy_streams_identical_to_torch_backend(checkpoint, export_dir):
 
             def one(i_prompt):
                 i, prompt = i_prompt
-                msgs = list(stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=20 + 7 * i), timeout=60))
+                msgs = list(stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=new[i]), timeout=60))
                 return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs)
 
             with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: continuous batching with joins/leaves
@@ -245,3 +246,6 @@ def test_grpc_greedy_streams_identical_to_torch_backend(checkpoint, export_dir):
         assert model_thread_torch_threads(s) == cores
     assert onnx_out == torch_out
     assert all(ids for ids, _ in onnx_out)
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    assert onnx_out[-1][0] == generate_ids(model, tokenizer.encode(prompts[-1]), new[-1], eos_id=tokenizer.eos_id)
+    assert len(onnx_out[-1][0]) > 128

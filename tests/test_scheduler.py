@@ -52,6 +52,7 @@ class StrictBackend:
         self.length: dict[int, int] = {}  # held slot -> positions cached
         self.decodes: list[list[int]] = []  # the slots of each decode call
         self.idle: list[int] = []  # slots held but left out of a decode call (a hole in the batch)
+        self.prefilled: set[int] = set()  # slots prefilled since the last decode call
         self.prefills = 0
         self.violations: list[str] = []
         self.fail: set[tuple[str, int]] = set()  # ("decode", 2): the second decode call raises
@@ -68,12 +69,14 @@ class StrictBackend:
             self._maybe_fail("prefill", self.prefills)
             logits = self.inner.prefill(slots, prompts)
             self.length.update((s, len(p)) for s, p in zip(slots, prompts))
+            self.prefilled.update(slots)
             return logits
 
     def decode(self, slots, tokens, positions):
         with self._call():
             self.decodes.append(list(slots))
-            self.idle += sorted(set(self.length) - set(slots))
+            self.idle += sorted(set(self.length) - set(slots) - self.prefilled)  # not a window refilled now
+            self.prefilled.clear()
             n = len(self.decodes)
             for s, p in zip(slots, positions):
                 self._check(s in self.length, f"decode call {n}: slot {s} holds no sequence")
@@ -131,8 +134,7 @@ def request(tokenizer, prompt: str, max_new_tokens: int, stop=(), **params) -> G
 def expected(reference, req: GenerationRequest, eos_id: int) -> tuple[list[int], str, str]:
     """(tokens, text, finish reason) from in-process generation: no batching, no step ahead."""
     model, tokenizer = reference
-    n = min(req.max_new_tokens, CONTEXT - len(req.prompt_ids))
-    ids = generate_ids(model, req.prompt_ids, n, req.params, eos_id)
+    ids = generate_ids(model, req.prompt_ids, req.max_new_tokens, req.params, eos_id)
     stream, text = TextStream(tokenizer, req.stop), ""
     for i, token in enumerate(ids):
         piece, stopped = stream.push(token)
@@ -169,7 +171,8 @@ def fake_eos(reference) -> int:
 def test_sequences_leaving_a_running_batch_keep_every_stream_exact(checkpoint, reference):
     """One batch, every way out at a different step, while the others go on: each stream equals in-process
     generation, and the backend sees a valid call sequence (no position past the context, slots released). A
-    sequence that its token id ends takes no further step; one that a stop string ends, at most one."""
+    sequence that its token id ends takes no further step; one that a stop string ends, at most one. One runs past
+    the context: its window slides once (a prefill in its slot within a decode step), beside the others."""
     eos = fake_eos(reference)
     backend = StrictBackend(checkpoint, eos_id=eos)
     tok = backend.tokenizer
@@ -179,7 +182,7 @@ def test_sequences_leaving_a_running_batch_keep_every_stream_exact(checkpoint, r
             request(tok, "one", 1),
             request(tok, "two", 2, temperature=0.8, seed=2),
             request(tok, "stop here", 30, stop=[full[6:9]]),
-            request(tok, "c" * (CONTEXT - 14), 40),  # more than the context holds: "length" after 13
+            request(tok, "c" * (CONTEXT - 14), 40),  # 51 + 40 tokens: past the context after 14
             request(tok, "eos", 40, **EOS_PARAMS),
             request(tok, "cancelled", 40, temperature=1.0, seed=3)]
 
@@ -196,12 +199,13 @@ def test_sequences_leaving_a_running_batch_keep_every_stream_exact(checkpoint, r
     for req, (ids, text, reason) in zip(reqs[:7], out):
         assert (ids, text, reason) == expected(reference, req, eos), tok.decode(req.prompt_ids)
     assert [out[i][2] for i in (4, 5, 6)] == ["stop", "length", "eos"]
-    assert len(out[2][0]) == 1 and len(out[4][0]) < 30 and len(out[5][0]) == 13
+    assert len(out[2][0]) == 1 and len(out[4][0]) < 30 and len(out[5][0]) == 40
     ids, _, reason = out[7]
     assert reason == "cancelled" and len(ids) < 40
     assert ids == expected(reference, reqs[7], eos)[0][:len(ids)]
+    assert backend.prefills == 2  # the batch, then the sliding window
     for slot, (ids, _, reason) in enumerate(out[:7]):  # slots are handed out in order
-        steps = sum(slot in call for call in backend.decodes)
+        steps = sum(slot in call for call in backend.decodes) + (slot == 5)  # slot 5: one step was a prefill
         assert steps == len(ids) - 1 or reason == "stop" and steps == len(ids), (slot, steps, len(ids), reason)
     assert not backend.violations
     assert not backend.idle  # an ended sequence leaves the batch at the next pass

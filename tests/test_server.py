@@ -205,9 +205,15 @@ def test_seeded_sampling_equals_in_process_generation(stub, reference):
     check_stream(messages)
 
 
-def test_default_max_new_tokens_is_capped_by_context(stub, reference):
-    _, ids, messages = collect(stub, prompt="y" * (CONTEXT - 11), max_new_tokens=0)
-    assert len(ids) == 10 and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+def test_generation_runs_past_the_context_as_in_process(server, stub, reference):
+    """max_new_tokens 0 is the server's default (128), which this prompt only has room for by sliding its window:
+    the stream equals in-process generation, which slides it alike."""
+    prompt = "y" * (CONTEXT - 11)
+    before = server.metric("ulm_context_slides_total")
+    _, ids, messages = collect(stub, prompt=prompt, max_new_tokens=0)
+    assert ids == reference_ids(reference, prompt, 128)
+    assert len(ids) == 128 and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert server.metric("ulm_context_slides_total") == before + 1  # 502 + 128 tokens: one slide to 256 + 118
 
 
 def test_stop_sequence_over_the_wire(stub, reference):
@@ -255,8 +261,9 @@ def test_concurrent_streams_are_batched_and_correct(server, reference):
 
 
 def test_streams_ending_at_different_steps_of_a_batch_equal_their_runs_alone(server, stub, reference):
-    """A stop string, max_new_tokens and the context end streams while the rest of the batch goes on (and the
-    next decode step is already queued): each stream equals its run alone and in-process generation."""
+    """A stop string and max_new_tokens end streams while the rest of the batch goes on (and the next decode step
+    is already queued), and one stream's window slides past the context: each stream equals its run alone and
+    in-process generation."""
     sampled = dict(prompt="Batch stop", max_new_tokens=60, temperature=1.0, top_k=40, seed=11)
     full_texts, full_ids, _ = collect(stub, **sampled)
     full = "".join(full_texts)
@@ -264,7 +271,7 @@ def test_streams_ending_at_different_steps_of_a_batch_equal_their_runs_alone(ser
     alone_texts, alone_ids, _ = collect(stub, **stopping)
     others = [dict(prompt=f"other {i}", max_new_tokens=n, temperature=0.9 * (i % 2), seed=i)
               for i, n in enumerate([1, 2, 3, 9, 31, 64])]
-    others.append(dict(prompt="y" * (CONTEXT - 11), max_new_tokens=0))  # up to the context: 10 tokens
+    others.append(dict(prompt="y" * (CONTEXT - 11), max_new_tokens=40))  # its window slides after 10
 
     async def run():
         async with grpc.aio.insecure_channel(server.target) as channel:
@@ -276,7 +283,7 @@ def test_streams_ending_at_different_steps_of_a_batch_equal_their_runs_alone(ser
     assert text == full[:full.index(full[15:18])] and ids == full_ids[:len(ids)] and len(ids) < len(full_ids)
     for r, (_, ids, text) in zip(others, rest):
         params = {k: v for k, v in r.items() if k not in ("prompt", "max_new_tokens")}
-        assert ids == reference_ids(reference, r["prompt"], r["max_new_tokens"] or 10, **params), r
+        assert ids == reference_ids(reference, r["prompt"], r["max_new_tokens"], **params), r
         assert text == reference[1].decode(ids)
 
 
@@ -306,7 +313,6 @@ BAD_REQUESTS = [
     (dict(top_p=float("inf")), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     (dict(stop=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[1]"),
     (dict(stop=["s"] * 17), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
-    (dict(max_new_tokens=CONTEXT), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     (dict(prompt="z" * CONTEXT), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     (dict(model="no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
 ]
@@ -325,7 +331,7 @@ def test_bad_requests_get_their_codes_and_the_server_keeps_serving(server, stub)
         with pytest.raises(grpc.RpcError) as e:
             call(request)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    assert server.metric("ulm_requests_total", method=GENERATE, code="INVALID_ARGUMENT") == before + 8
+    assert server.metric("ulm_requests_total", method=GENERATE, code="INVALID_ARGUMENT") == before + 7
     _, ids, messages = collect(stub, prompt="still alive", max_new_tokens=5)
     assert len(ids) == 5 and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
 

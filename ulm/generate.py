@@ -91,32 +91,51 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     return picks
 
 
+def slide_window(ids: list[int], context: int) -> list[int]:
+    """What a full context goes on from, to generate past it: its last half (at least one token).
+
+    The kept tokens are prefilled again at positions 0.. (with learned positions the cached keys cannot shift),
+    so going on costs one prefill of context // 2 tokens per context // 2 new ones, and every token is sampled
+    with at least that much context before it: nanoGPT crops to the last `context` tokens at every step, without
+    a cache, which costs a full forward pass per token."""
+    return ids[-max(1, context // 2):]
+
+
 @torch.inference_mode()
 def generate_ids(model: GPT, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams | None = None,
                  eos_id: int | None = None) -> list[int]:
-    """Prefill the prompt, then decode one token at a time with the KV cache. Returns the new ids."""
+    """Prefill the prompt, then decode one token at a time with the KV cache, past the context if asked to (see
+    slide_window). Returns the new ids."""
     params = params or SamplingParams()
-    cfg = model.config
+    context = model.config.block_size
     if not prompt_ids:
         raise ValueError("prompt must not be empty")
-    if len(prompt_ids) + max_new_tokens > cfg.block_size:
-        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
-                         f"length {cfg.block_size}")
+    if len(prompt_ids) > context:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) exceeds the context length {context}")
     device = next(model.parameters()).device
-    cache = KVCache.for_model(cfg, 1, len(prompt_ids) + max_new_tokens, next(model.parameters()).dtype, device)
+    cache = KVCache.for_model(model.config, 1, min(context, len(prompt_ids) + max_new_tokens),
+                              next(model.parameters()).dtype, device)
     generator = params.make_generator()
-    idx = torch.tensor([prompt_ids], device=device)
-    pos = torch.arange(len(prompt_ids), device=device)[None]
-    logits = model(idx, pos, cache, logits_at=pos[:, -1])
-    out: list[int] = []
+
+    def prefill(window: list[int]) -> torch.Tensor:
+        pos = torch.arange(len(window), device=device)[None]
+        return model(torch.tensor([window], device=device), pos, cache, logits_at=pos[:, -1])
+
+    ids, start = list(prompt_ids), 0  # the cache holds ids[start:]
+    logits = prefill(ids)
     for step in range(max_new_tokens):
         tok = sample_token(logits[0, -1], params, generator)
-        out.append(tok)
+        ids.append(tok)
         if tok == eos_id or step == max_new_tokens - 1:
             break
-        p = len(prompt_ids) + step
-        logits = model(torch.tensor([[tok]], device=device), torch.tensor([[p]], device=device), cache)
-    return out
+        p = len(ids) - 1 - start
+        if p == context:  # the context is full
+            window = slide_window(ids, context)
+            start = len(ids) - len(window)
+            logits = prefill(window)
+        else:
+            logits = model(torch.tensor([[tok]], device=device), torch.tensor([[p]], device=device), cache)
+    return ids[len(prompt_ids):]
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,

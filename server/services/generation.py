@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more get RESOURCE_EXHAUSTED")
     g.add_argument("--default-max-new-tokens", type=int, default=128,
-                   help="used when a request asks for 0 (capped by the room left in the context)")
+                   help="used when a request asks for 0")
     g.add_argument("--threads", type=int, default=0,
                    help="model threads (torch's, and ONNX Runtime's intra-op); 0 = one per core")
 
@@ -153,15 +153,9 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         if not ids:
             raise InvalidArgument("prompt must not be empty")
         context = self.backend.config.block_size
-        if r.max_new_tokens == 0:
-            max_new = min(self.args.default_max_new_tokens, context - len(ids))
-            if max_new < 1:
-                raise InvalidArgument(f"prompt ({len(ids)} tokens) leaves no room in the context length {context}")
-        else:
-            max_new = r.max_new_tokens
-            if len(ids) + max_new > context:
-                raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the "
-                                      f"context length {context}")
+        if len(ids) > context:
+            raise InvalidArgument(f"prompt ({len(ids)} tokens) exceeds the context length {context}")
+        max_new = r.max_new_tokens or self.args.default_max_new_tokens  # past the context, the window slides
         return GenerationRequest(ids, max_new, params, list(r.stop))
 
 
