@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import statistics
 import threading
 import time
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from clients.api.ulm.v1 import text_generation_pb2 as pb
 from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from server.__main__ import build_app, build_parser
 from server.detokenize import IncrementalDetokenizer, StopMatcher, TextStream
 from server_fixture import CONTEXT, InProcessServer, SubprocessServer, make_toy_checkpoint
 from ulm.checkpoint import load_checkpoint
@@ -313,6 +315,7 @@ BAD_REQUESTS = [
     (dict(top_p=float("inf")), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     (dict(stop=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[1]"),
     (dict(stop=["s"] * 17), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    (dict(max_new_tokens=4097), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     (dict(prompt="z" * CONTEXT), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     (dict(model="no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
 ]
@@ -331,9 +334,18 @@ def test_bad_requests_get_their_codes_and_the_server_keeps_serving(server, stub)
         with pytest.raises(grpc.RpcError) as e:
             call(request)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    assert server.metric("ulm_requests_total", method=GENERATE, code="INVALID_ARGUMENT") == before + 7
+    assert server.metric("ulm_requests_total", method=GENERATE, code="INVALID_ARGUMENT") == before + 8
     _, ids, messages = collect(stub, prompt="still alive", max_new_tokens=5)
     assert len(ids) == 5 and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--default-max-new-tokens", "200", "--max-new-tokens", "100"], "--default-max-new-tokens (200) exceeds"),
+])
+def test_bad_generation_flags_are_refused_at_start(checkpoint, flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_app(build_parser().parse_args(["--checkpoint", str(checkpoint), *flags]))
 
 
 def test_requests_join_and_leave_a_running_batch(server, stub, reference):

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a slot; more get RESOURCE_EXHAUSTED")
     g.add_argument("--default-max-new-tokens", type=int, default=128,
                    help="used when a request asks for 0")
+    g.add_argument("--max-new-tokens", type=int, default=4096,
+                   help="the most a request may ask for (past the model's context, its window slides)")
     g.add_argument("--threads", type=int, default=0,
                    help="model threads (torch's, and ONNX Runtime's intra-op); 0 = one per core")
 
@@ -44,9 +46,12 @@ class GenerationService(pb_grpc.TextGenerationServicer):
     name = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 
     def __init__(self, args: argparse.Namespace, metrics: Metrics):
-        for flag in ("max_batch", "default_max_new_tokens"):
+        for flag in ("max_batch", "default_max_new_tokens", "max_new_tokens"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if args.default_max_new_tokens > args.max_new_tokens:
+            raise ValueError(f"--default-max-new-tokens ({args.default_max_new_tokens}) exceeds --max-new-tokens "
+                             f"({args.max_new_tokens})")
         if args.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
         if not args.checkpoint:
@@ -155,6 +160,9 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         context = self.backend.config.block_size
         if len(ids) > context:
             raise InvalidArgument(f"prompt ({len(ids)} tokens) exceeds the context length {context}")
+        if r.max_new_tokens > self.args.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens ({r.max_new_tokens}) exceeds this server's limit "
+                                  f"({self.args.max_new_tokens}, --max-new-tokens)")
         max_new = r.max_new_tokens or self.args.default_max_new_tokens  # past the context, the window slides
         return GenerationRequest(ids, max_new, params, list(r.stop))
 
