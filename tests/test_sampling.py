@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ulm.generate import NUCLEUS_GUESS, SamplingParams, nucleus, sample_batch, sample_token
+from ulm.generate import NUCLEUS_GUESS, SamplingParams, argmax, nucleus, sample_batch, sample_token
 
 V = 300  # more than NUCLEUS_GUESS, so a flat distribution's nucleus needs the full sort
 
@@ -91,3 +91,15 @@ def test_seeded_draws_repeat_and_greedy_rows_take_the_argmax():
     assert first == run()
     assert all(picks[1] == int(logits[1].argmax()) for picks in first)
     assert len({picks[0] for picks in first}) > 1  # sampled rows vary from step to step
+
+
+def test_argmax_is_torchs_first_maximum():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 1000, generator=g)
+    logits[1, [10, 500, 900]] = 9.0  # a tie: the first index wins
+    logits[2] = 0.0
+    logits[3, 7] = float("inf")
+    assert argmax(logits) == logits.argmax(-1).tolist() and argmax(logits)[1:3] == [10, 0]
+    assert argmax(logits[4]) == int(logits[4].argmax())
+    assert argmax(logits.bfloat16()) == logits.bfloat16().argmax(-1).tolist()
+    assert argmax(logits[:, ::2]) == logits[:, ::2].argmax(-1).tolist()  # a strided view
