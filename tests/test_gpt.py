@@ -163,6 +163,8 @@ def test_forward_rejects_lengths_beyond_context_and_cache(model):
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[4]]), cache)
     with pytest.raises(ValueError, match="prompt .* exceeds the context length"):
         generate_ids(model, [1] * (cfg.block_size + 1), 1)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate_ids(model, [1, 2], -1)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5, "context"])

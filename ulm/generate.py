@@ -119,6 +119,8 @@ def generate_ids(model: GPT, prompt_ids: list[int], max_new_tokens: int, params:
     context = model.config.block_size
     if not prompt_ids:
         raise ValueError("prompt must not be empty")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if len(prompt_ids) > context:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) exceeds the context length {context}")
     device = next(model.parameters()).device
