@@ -25,7 +25,7 @@ class Backend(Protocol):
     num_params: int
     # torch's intra-op threads for the caller's work on the logits (sampling), or None to keep the caller's. A
     # backend whose model runs outside torch says 1: torch's OpenMP threads spin for milliseconds after each
-    # parallel op (the argmax over a batch's logits), on the cores the backend's own threads need.
+    # parallel op (sampling's softmax or top-k over a batch's logits), on the cores the backend's own threads need.
     torch_threads: int | None
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 class OnnxBackend:
     name = "onnx"
-    # sampling on one torch thread: an idle torch thread spinning after a parallel argmax slowed batch-16 steps
-    # ~30% (GPT-2-small, 2 cores: 36 -> 27 ms), and ORT's threads are the ones to keep busy
+    # sampling on one torch thread: an idle torch thread spinning after a parallel op on the logits slowed
+    # batch-16 steps ~30% (GPT-2-small, 2 cores: 36 -> 27 ms), and ORT's threads are the ones to keep busy
     torch_threads = 1
     CHUNK = 64  # positions the cache grows by: attention reads at most CHUNK - 1 unused ones per row
 
