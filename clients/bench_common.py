@@ -12,6 +12,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,74 @@ def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int
                 backend.release(s)
         torch.set_num_threads(threads)
     return times
+
+
+# -- the weight products alone -----------------------------------------------------------------------------
+
+def weight_products(label: str, backend, directory: Path) -> Callable[[], None] | None:
+    """One batch-1 pass of a backend's weight matrix products alone, each on its own zero input, with nothing
+    between them: how near its kernels come to the roofline without the rest of a decode step. torch: the model's
+    Linear modules, as prepared for decoding; onnx-fp32: the export's MatMuls in a graph of their own (over the
+    export's weights, prepacked by ONNX Runtime as in the model). None for int8 exports and on a GPU."""
+    if backend.device != "cpu" or BACKENDS[label][1] is not None:
+        return None
+    if label == "torch":
+        linears = [m for m in backend.model.modules() if isinstance(m, torch.nn.Linear)]
+        inputs = [torch.zeros(1, 1, m.in_features) for m in linears]
+
+        @torch.inference_mode()
+        def torch_pass() -> None:
+            for m, x in zip(linears, inputs):
+                m(x)
+        return torch_pass
+    from export.runtime import create_session
+
+    session = create_session(matmul_graph(directory), "cpu", torch.get_num_threads())
+    binding = session.io_binding()
+    arrays = {a.name: np.zeros(a.shape, np.float32) for a in [*session.get_inputs(), *session.get_outputs()]}
+    for a in session.get_inputs():
+        binding.bind_cpu_input(a.name, arrays[a.name])
+    for a in session.get_outputs():
+        binding.bind_output(a.name, "cpu", 0, np.float32, arrays[a.name].shape, arrays[a.name].ctypes.data)
+
+    def onnx_pass() -> None:
+        session.run_with_iobinding(binding)
+    onnx_pass.keep = arrays  # the binding points into them
+    return onnx_pass
+
+
+def matmul_graph(export_dir: Path) -> bytes:
+    """The export's MatMuls over its own weights, each on an input of its own: x{i} (1, K) -> y{i} (1, N). A tied
+    output layer keeps its Transpose of the token table, which ONNX Runtime folds (as in the model)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.onnx_export import MODEL_FILE
+
+    model = onnx.load(str(Path(export_dir) / MODEL_FILE))
+    inits = {t.name: t for t in model.graph.initializer}
+    transposes = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    nodes, inputs, outputs, weights = [], [], [], {}
+    for n in model.graph.node:
+        w = n.input[1] if n.op_type == "MatMul" else None
+        if w in transposes:
+            table = transposes[w].input[0]
+            if table not in weights:
+                nodes.append(transposes[w])
+            weights[table] = inits[table]
+            N, K = inits[table].dims
+        elif w in inits:
+            weights[w] = inits[w]
+            K, N = inits[w].dims
+        else:
+            continue
+        i = len(outputs)
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, K]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", w], [f"y{i}"]))
+    graph = helper.make_graph(nodes, "weight_products", inputs, outputs, list(weights.values()))
+    products = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return products.SerializeToString()
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -28,7 +28,7 @@ import torch
 
 from clients.bench_common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine,
                                   memory_bandwidth, parse_list, random_prompts, set_threads, time_decode,
-                                  weight_bytes, write_json)
+                                  weight_bytes, weight_products, write_json)
 from ulm.config import GPT_PRESETS, gpt_preset
 
 HF = "transformers"
@@ -96,7 +96,8 @@ def time_hf(hf, batch: int, steps: int, prompt_len: int) -> float:
 # -- the runs ----------------------------------------------------------------------------------------------
 
 class Runner:
-    """One backend, loaded once: seconds per decode step at a batch size, and the weight bytes a step reads."""
+    """One backend, loaded once: seconds per decode step at a batch size, the weight bytes a step reads, and
+    (torch and onnx-fp32 on the CPU) seconds per pass of its weight products alone."""
 
     def __init__(self, label: str, checkpoint: Path, args):
         from server.backends import load_backend
@@ -114,6 +115,7 @@ class Runner:
             self.backend = load_backend(kind, directory, args.device, max_batch=args.batch)
             warmup(self.backend)
             cfg, self.device = self.backend.config, self.backend.device  # ONNX falls back to the CPU
+        self.products = None if label == HF else weight_products(label, self.backend, directory)
         self.config = cfg
         self.weight_bytes = weight_bytes("torch" if label == HF else label, directory, cfg)
 
@@ -122,6 +124,14 @@ class Runner:
         if self.label == HF:
             return time_hf(self.hf, batch, a.steps, a.prompt_len)
         return statistics.fmean(time_decode(self.backend, batch, a.steps, a.prompt_len))
+
+    def products_s(self) -> float:
+        times = []
+        for _ in range(self.args.steps):
+            t = time.perf_counter()
+            self.products()
+            times.append(time.perf_counter() - t)
+        return statistics.fmean(times)
 
 
 def measure(runners: dict[str, Runner], args) -> dict[str, list[dict]]:
@@ -138,10 +148,14 @@ def measure(runners: dict[str, Runner], args) -> dict[str, list[dict]]:
             print(f"  round {r + 1}/{args.repeats}: {label}", flush=True)
             before = memory_bandwidth(device=runner.device)
             b1 = runner.step_s(1)
+            products = runner.products_s() if runner.products else None
             bw = (before + memory_bandwidth(device=runner.device)) / 2
+            roofline_s = runner.weight_bytes / bw / 1e9
             rounds[label].append({"bandwidth_gbps": bw, "s_per_token_b1": b1,
                                   "s_per_step_batch": runner.step_s(args.batch),
-                                  "fraction_of_roofline": runner.weight_bytes / bw / 1e9 / b1})
+                                  "fraction_of_roofline": roofline_s / b1})
+            if products:
+                rounds[label][-1].update(s_products_b1=products, products_fraction_of_roofline=roofline_s / products)
     return rounds
 
 
@@ -155,7 +169,10 @@ def summary(label: str, runner: Runner, rounds: list[dict], batch: int) -> dict:
             "fraction_of_roofline_range": [min(r["fraction_of_roofline"] for r in rounds),
                                            max(r["fraction_of_roofline"] for r in rounds)], "batch": batch,
             "tokens_per_s_batch": batch / med["s_per_step_batch"],
-            "roofline_tokens_per_s_batch": batch * 1e3 / roofline_ms, "rounds": rounds}
+            "roofline_tokens_per_s_batch": batch * 1e3 / roofline_ms,
+            # the weight products alone (torch, onnx-fp32 on the CPU); None where not measured
+            "products_ms": 1e3 * med["s_products_b1"] if "s_products_b1" in med else None,
+            "products_fraction_of_roofline": med.get("products_fraction_of_roofline"), "rounds": rounds}
 
 
 def targets(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
@@ -198,16 +215,21 @@ def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, sh
     print(f"\n{preset}: {where}, load average {machine()['load_avg_1m']}; medians over rounds; roofline = weight "
           f"bytes / memory read bandwidth measured around each run")
     print(f"{'backend':<13}{'device':>7}{'weights MB':>11}{'GB/s':>6}{'roofline ms':>12}{'ms/token':>10}"
-          f"{'% roofline':>11}{'(rounds)':>11}{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")
+          f"{'% roofline':>11}{'(rounds)':>11}{'products alone':>15}{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")
     for r in rows.values():
         lo, hi = (round(100 * f) for f in r["fraction_of_roofline_range"])
+        alone = (f"{r['products_ms']:.2f} ms {100 * r['products_fraction_of_roofline']:.0f}%"
+                 if r["products_ms"] is not None else "-")
         print(f"{r['backend']:<13}{r['device']:>7}{r['weight_bytes'] / 1e6:>11.1f}{r['bandwidth_gbps']:>6.1f}"
               f"{r['roofline_ms']:>12.2f}{r['ms_per_token']:>10.2f}{100 * r['fraction_of_roofline']:>10.0f}%"
-              f"{f'{lo}-{hi}%':>11}"
+              f"{f'{lo}-{hi}%':>11}{alone:>15}"
               f"{r['tokens_per_s_batch']:>12.0f}{r['roofline_tokens_per_s_batch']:>14.0f}")
     bandwidths = [x["bandwidth_gbps"] for r in rows.values() for x in r["rounds"]]
     print(f"  memory read bandwidth over the rounds: {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s (each round's "
           f"roofline moves with it)")
+    if any(r["products_ms"] is not None for r in rows.values()):
+        print("  products alone: one pass of the backend's weight matrix products at batch 1 with nothing between "
+              "them, against the same roofline (the kernels' share of the gap)")
     if not shaped or device != "cpu":
         print("  (the targets are set for the GPT-2-small shape on a 2-core CPU; shown for reference)")
     for g in goals:
@@ -237,6 +259,10 @@ def plot(results: list[dict], batch: int, path: Path) -> Path:
                        label="roofline (weight bytes / bandwidth)")
             if key == "ms_per_token":
                 ax.bar_label(bars, [f"{100 * r['fraction_of_roofline']:.0f}%" for r in rows], fontsize=8)
+                alone = [r for r in rows if r["products_ms"] is not None]
+                if alone:
+                    ax.scatter([r["backend"] for r in alone], [r["products_ms"] for r in alone], marker="x",
+                               color="black", zorder=3, label="weight products alone")
             ax.set_ylim(0, 1.25 * max(r[k] for r in rows for k in (key, roof)))  # room for the legend
             ax.set_title(f"{run['preset']}: {title}", fontsize=10)
             ax.grid(True, axis="y", alpha=0.3)

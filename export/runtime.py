@@ -72,9 +72,9 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def create_session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+def create_session(path: str | os.PathLike | bytes, device: str = "cpu", threads: int | None = None,
                    spin: bool = True) -> ort.InferenceSession:
-    """A session with full graph optimisation, on CUDA when asked for and usable (ORT falls back to the CPU
+    """A session (of a model file, or a serialized model) with full graph optimisation, on CUDA when asked for and usable (ORT falls back to the CPU
     when the CUDA provider cannot start; `session.get_providers()` says what is in use).
 
     spin: idle intra-op threads spin (ORT's default) rather than sleep. Measured with 2 threads on 2 cores
@@ -89,7 +89,7 @@ def create_session(path: str | os.PathLike, device: str = "cpu", threads: int | 
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3  # errors only: the CUDA provider's load failure is reported by our caller
     providers = [CUDA, CPU] if device == "cuda" and CUDA in ort.get_available_providers() else [CPU]
-    return ort.InferenceSession(str(path), so, providers=providers)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
 
 
 def empty_cache(cfg: GPTConfig, batch: int, length: int) -> list[np.ndarray]:

@@ -6,12 +6,13 @@ import hashlib
 import json
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
 from clients import bench_decode, bench_serving, bench_train
-from clients.bench_common import check_device, ensure_export, time_decode, weight_bytes
-from export.runtime import FORMAT
+from clients.bench_common import check_device, ensure_export, matmul_graph, time_decode, weight_bytes
+from export.runtime import FORMAT, create_session
 from server.backends.torch_backend import TorchBackend
 from ulm.checkpoint import load_checkpoint
 from ulm.config import gpt_preset
@@ -72,6 +73,22 @@ def test_weight_bytes_count_what_a_decode_step_reads():
     assert weight_bytes("torch", None, cfg) == 4 * (n_params - cfg.block_size * cfg.n_embd)
 
 
+def test_weight_products_graph_multiplies_by_every_linear_weight(toy_checkpoint, toy_onnx_export):
+    """The onnx-fp32 "products alone" graph: one MatMul per Linear of the model, in forward order, each by that
+    Linear's own weight (the tied output layer through its Transpose)."""
+    model = load_checkpoint(toy_checkpoint)[0]
+    linears = [m for b in model.blocks for m in (b.attn.in_proj, b.attn.out_proj, b.mlp.fc, b.mlp.proj)]
+    linears.append(model.lm_head)
+    session = create_session(matmul_graph(toy_onnx_export), threads=1)
+    assert len(session.get_inputs()) == len(linears)
+    rng = np.random.default_rng(0)
+    feeds = {x.name: rng.standard_normal(x.shape).astype(np.float32) for x in session.get_inputs()}
+    outputs = session.run(None, feeds)
+    for i, (m, y) in enumerate(zip(linears, outputs)):
+        ref = torch.from_numpy(feeds[f"x{i}"]) @ m.weight.detach().T
+        torch.testing.assert_close(torch.from_numpy(y), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
     out = tmp_path / "decode.json"
     backends = "torch,onnx-fp32" + (",transformers" if bench_decode_has_hf() else "")
@@ -92,6 +109,11 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
         assert len(r["rounds"]) == 1 and r["fraction_of_roofline"] == pytest.approx(
             r["weight_bytes"] / r["bandwidth_gbps"] / 1e6 / r["ms_per_token"])  # one round: its own figures
     assert rows["torch"]["weight_bytes"] == rows["onnx-fp32"]["weight_bytes"]
+    for label in ("torch", "onnx-fp32"):  # their weight products alone, against the same roofline
+        r = rows[label]
+        assert r["products_ms"] > 0 and r["products_fraction_of_roofline"] == pytest.approx(
+            r["weight_bytes"] / r["bandwidth_gbps"] / 1e6 / r["products_ms"])
+    assert "products alone" in printed
     bandwidths = [x["bandwidth_gbps"] for r in rows.values() for x in r["rounds"]]
     assert f"bandwidth over the rounds: {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s" in printed
     names = [t["name"] for t in run["targets"]]
