@@ -200,9 +200,9 @@ def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int
 def weight_products(label: str, backend, directory: Path) -> Callable[[], None] | None:
     """One batch-1 pass of a backend's weight matrix products alone, each on its own zero input, with nothing
     between them: how near its kernels come to the roofline without the rest of a decode step. torch: the model's
-    Linear modules, as prepared for decoding; onnx-fp32: the export's MatMuls in a graph of their own (over the
-    export's weights, prepacked by ONNX Runtime as in the model). None for int8 exports and on a GPU."""
-    if backend.device != "cpu" or BACKENDS[label][1] is not None:
+    Linear modules, as prepared for decoding; ONNX: the export's matrix products in a graph of their own (over the
+    export's weights, prepacked by ONNX Runtime as in the model). None on a GPU."""
+    if backend.device != "cpu":
         return None
     if label == "torch":
         linears = [m for m in backend.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -230,8 +230,10 @@ def weight_products(label: str, backend, directory: Path) -> Callable[[], None] 
 
 
 def matmul_graph(export_dir: Path) -> bytes:
-    """The export's MatMuls over its own weights, each on an input of its own: x{i} (1, K) -> y{i} (1, N). A tied
-    output layer keeps its Transpose of the token table, which ONNX Runtime folds (as in the model)."""
+    """The export's weight products, each on an input of its own: x{i} (1, K) -> y{i} (1, N). fp32: its MatMuls
+    over its own weights (a tied output layer keeps its Transpose of the token table, which ONNX Runtime folds, as
+    in the model). int8: each MatMulInteger's weight, scale and zero point in the DynamicQuantizeMatMul that ONNX
+    Runtime fuses the quantized product into (the activation's quantization included)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -242,22 +244,23 @@ def matmul_graph(export_dir: Path) -> bytes:
     transposes = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
     nodes, inputs, outputs, weights = [], [], [], {}
     for n in model.graph.node:
-        w = n.input[1] if n.op_type == "MatMul" else None
-        if w in transposes:
-            table = transposes[w].input[0]
-            if table not in weights:
-                nodes.append(transposes[w])
-            weights[table] = inits[table]
-            N, K = inits[table].dims
-        elif w in inits:
-            weights[w] = inits[w]
+        x, y, w = f"x{len(outputs)}", f"y{len(outputs)}", n.input[1] if len(n.input) > 1 else None
+        if n.op_type == "MatMulInteger" and w in inits:
+            names = [w, w.removesuffix("_quantized") + "_scale", n.input[3]]  # onnxruntime.quantization's names
             K, N = inits[w].dims
+            product = helper.make_node("DynamicQuantizeMatMul", [x, *names], [y], domain="com.microsoft")
+        elif n.op_type == "MatMul" and (w in inits or w in transposes):
+            names = [transposes[w].input[0] if w in transposes else w]
+            if w in transposes and names[0] not in weights:
+                nodes.append(transposes[w])
+            K, N = inits[w].dims if w in inits else reversed(inits[names[0]].dims)
+            product = helper.make_node("MatMul", [x, w], [y])
         else:
             continue
-        i = len(outputs)
-        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, K]))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]))
-        nodes.append(helper.make_node("MatMul", [f"x{i}", w], [f"y{i}"]))
+        weights.update((name, inits[name]) for name in names)
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, K]))
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, N]))
+        nodes.append(product)
     graph = helper.make_graph(nodes, "weight_products", inputs, outputs, list(weights.values()))
     products = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     return products.SerializeToString()

@@ -12,6 +12,7 @@ import torch
 
 from clients import bench_decode, bench_serving, bench_train
 from clients.bench_common import check_device, ensure_export, matmul_graph, time_decode, weight_bytes
+from export.quantize import quantize_int8
 from export.runtime import FORMAT, create_session
 from server.backends.torch_backend import TorchBackend
 from ulm.checkpoint import load_checkpoint
@@ -73,9 +74,9 @@ def test_weight_bytes_count_what_a_decode_step_reads():
     assert weight_bytes("torch", None, cfg) == 4 * (n_params - cfg.block_size * cfg.n_embd)
 
 
-def test_weight_products_graph_multiplies_by_every_linear_weight(toy_checkpoint, toy_onnx_export):
+def test_weight_products_graph_multiplies_by_every_linear_weight(toy_checkpoint, toy_onnx_export, tmp_path):
     """The onnx-fp32 "products alone" graph: one MatMul per Linear of the model, in forward order, each by that
-    Linear's own weight (the tied output layer through its Transpose)."""
+    Linear's own weight (the tied output layer through its Transpose); the int8 one, by their quantized copies."""
     model = load_checkpoint(toy_checkpoint)[0]
     linears = [m for b in model.blocks for m in (b.attn.in_proj, b.attn.out_proj, b.mlp.fc, b.mlp.proj)]
     linears.append(model.lm_head)
@@ -87,6 +88,12 @@ def test_weight_products_graph_multiplies_by_every_linear_weight(toy_checkpoint,
     for i, (m, y) in enumerate(zip(linears, outputs)):
         ref = torch.from_numpy(feeds[f"x{i}"]) @ m.weight.detach().T
         torch.testing.assert_close(torch.from_numpy(y), ref, atol=1e-4, rtol=1e-4)
+    # int8: the same products, quantized (DynamicQuantizeMatMul over the quantized weights, scales, zero points)
+    quantize_int8(toy_onnx_export / "model.onnx", tmp_path)
+    int8 = create_session(matmul_graph(tmp_path), threads=1).run(None, feeds)
+    assert len(int8) == len(outputs)
+    for q, y in zip(int8, outputs):
+        assert np.abs(q - y).max() <= 0.05 * np.abs(y).max()
 
 
 def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
