@@ -74,8 +74,9 @@ def default_threads() -> int:
 
 def create_session(path: str | os.PathLike | bytes, device: str = "cpu", threads: int | None = None,
                    spin: bool = True) -> ort.InferenceSession:
-    """A session (of a model file, or a serialized model) with full graph optimisation, on CUDA when asked for and usable (ORT falls back to the CPU
-    when the CUDA provider cannot start; `session.get_providers()` says what is in use).
+    """A session (of a model file, or a serialized model) with full graph optimisation, on CUDA when asked for and
+    usable (ORT falls back to the CPU when the CUDA provider cannot start; `session.get_providers()` says what is in
+    use).
 
     spin: idle intra-op threads spin (ORT's default) rather than sleep. Measured with 2 threads on 2 cores
     (GPT-2-small): in-process, spinning decodes one row up to ~20% faster and 16 rows ~8%; in the server, whose

@@ -466,8 +466,8 @@ class GPT(nn.Module):
 
         Without a cache: a causal pass over positions 0..T-1. With a cache: idx holds each row's next tokens
         at positions input_pos (B, T); their keys/values are written into `kv_cache` rows `rows`, and each
-        query attends to its row's cached positions up to its own (inference only: no dropout). `logits_at` (B,) picks one position
-        per row, so the output layer runs once per row: logits (B, 1, V).
+        query attends to its row's cached positions up to its own (inference only: no dropout). `logits_at` (B,)
+        picks one position per row, so the output layer runs once per row: logits (B, 1, V).
         """
         B, T = idx.shape
         if input_pos is None:
