@@ -213,20 +213,19 @@ def weight_products(label: str, backend, directory: Path) -> Callable[[], None] 
             for m, x in zip(linears, inputs):
                 m(x)
         return torch_pass
+    import onnxruntime as ort
+
     from export.runtime import create_session
 
     session = create_session(matmul_graph(directory), "cpu", torch.get_num_threads())
     binding = session.io_binding()
-    arrays = {a.name: np.zeros(a.shape, np.float32) for a in [*session.get_inputs(), *session.get_outputs()]}
-    for a in session.get_inputs():
-        binding.bind_cpu_input(a.name, arrays[a.name])
-    for a in session.get_outputs():
-        binding.bind_output(a.name, "cpu", 0, np.float32, arrays[a.name].shape, arrays[a.name].ctypes.data)
-
-    def onnx_pass() -> None:
-        session.run_with_iobinding(binding)
-    onnx_pass.keep = arrays  # the binding points into them
-    return onnx_pass
+    for args, bind in ((session.get_inputs(), binding.bind_ortvalue_input),
+                       (session.get_outputs(), binding.bind_ortvalue_output)):
+        for a in args:  # ORT's own zeroed buffers, which the binding holds: no allocation per pass
+            value = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, np.float32)
+            value.update_inplace(np.zeros(a.shape, np.float32))
+            bind(a.name, value)
+    return lambda: session.run_with_iobinding(binding)
 
 
 def matmul_graph(export_dir: Path) -> bytes:

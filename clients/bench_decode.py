@@ -97,7 +97,7 @@ def time_hf(hf, batch: int, steps: int, prompt_len: int) -> float:
 
 class Runner:
     """One backend, loaded once: seconds per decode step at a batch size, the weight bytes a step reads, and
-    (torch and onnx-fp32 on the CPU) seconds per pass of its weight products alone."""
+    (on the CPU, transformers aside) seconds per pass of its weight products alone."""
 
     def __init__(self, label: str, checkpoint: Path, args):
         from server.backends import load_backend
@@ -154,7 +154,7 @@ def measure(runners: dict[str, Runner], args) -> dict[str, list[dict]]:
             rounds[label].append({"bandwidth_gbps": bw, "s_per_token_b1": b1,
                                   "s_per_step_batch": runner.step_s(args.batch),
                                   "fraction_of_roofline": roofline_s / b1})
-            if products:
+            if products is not None:
                 rounds[label][-1].update(s_products_b1=products, products_fraction_of_roofline=roofline_s / products)
     return rounds
 
@@ -170,7 +170,7 @@ def summary(label: str, runner: Runner, rounds: list[dict], batch: int) -> dict:
                                            max(r["fraction_of_roofline"] for r in rounds)], "batch": batch,
             "tokens_per_s_batch": batch / med["s_per_step_batch"],
             "roofline_tokens_per_s_batch": batch * 1e3 / roofline_ms,
-            # the weight products alone (torch, onnx-fp32 on the CPU); None where not measured
+            # the weight products alone (on the CPU, transformers aside); None where not measured
             "products_ms": 1e3 * med["s_products_b1"] if "s_products_b1" in med else None,
             "products_fraction_of_roofline": med.get("products_fraction_of_roofline"), "rounds": rounds}
 

@@ -277,11 +277,16 @@ class Scheduler:
                 self.held.remove(slot)
                 self.backend.release(slot)
 
+    def _prefill(self, release: list[int], slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Release `release`, then prefill `prompts` into `slots`, which the backend holds from then on."""
+        self._release_sync(release)
+        logits = self.backend.prefill(slots, prompts)
+        self.held.update(slots)
+        return logits
+
     def _prefill_sync(self, released: list[int], seqs: list[Sequence],
                       slots: list[int]) -> tuple[list[Sequence], list[int]]:
-        self._release_sync(released)
-        logits = self.backend.prefill(slots, [s.req.prompt_ids for s in seqs])
-        self.held.update(slots)
+        logits = self._prefill(released, slots, [s.req.prompt_ids for s in seqs])
         tokens = sample_batch(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
         for seq, token in zip(seqs, tokens):
             seq.sampled(token)
@@ -320,10 +325,8 @@ class Scheduler:
             seqs[i].start = len(seqs[i].ids) - len(window)
         refill = [slots[i] for i in full]
         self.metrics.context_slides.inc(len(refill))
-        self._release_sync(refill)
         logits = torch.empty(len(seqs), self.backend.config.vocab_size)
-        logits[full] = self.backend.prefill(refill, windows)
-        self.held.update(refill)
+        logits[full] = self._prefill(refill, refill, windows)
         rest = [i for i in range(len(seqs)) if seqs[i].next[1] < context]
         if rest:
             logits[rest] = self.backend.decode([slots[i] for i in rest], [seqs[i].next[0] for i in rest],

@@ -505,10 +505,9 @@ class GPT(nn.Module):
         Flat, calling each layer's forward directly rather than through nn.Module.__call__ (13 calls per block):
         decoding a token per row is bound by per-call costs. Measured on 2 cores, batch 1, paired runs: the toy
         preset 0.201 -> 0.170 ms per token, GPT-2-small 10.65 -> 10.56 ms."""
-        at_end = mask is None
+        at_end, (B, T, C) = mask is None, x.shape
         for i, block in enumerate(self.blocks):
             a, mlp = block.attn, block.mlp
-            B, T, C = x.shape
             h = block.ln_1.forward(x) if block.norm_first else x
             q, k, v = a.split_heads(a.in_proj.forward(h))  # (B, nh, T, hs)
             k, v = write_kv(kv_cache.layer(i, rows), k, v, input_pos, length, at_end)  # (B, nh, length, hs)
