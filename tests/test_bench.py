@@ -20,7 +20,7 @@ from ulm.config import gpt_preset
 from ulm.data.build import build_dataset
 from ulm.data.sources import NAMED_CORPORA, Corpus
 from ulm.generate import SamplingParams
-from ulm.model import GPT, KVCache
+from ulm.model import GPT, InferenceLinear, KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,6 +51,31 @@ def test_prepared_model_gives_the_same_logits(activation, width):
         out, expected = (m(one, torch.tensor([[10]]), c, slice(1, 2)) for m, c in zip((model, ref), caches))
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.state_dict()["blocks.0.mlp.fc.weight"], ref.state_dict()["blocks.0.mlp.fc.weight"])
+
+
+@pytest.mark.parametrize("threads, in_features", [(2, 768), (2, 1536), (3, 1024)],
+                         ids=["2-threads", "2-threads-shrinking", "3-threads-not-dividing"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_one_row_product_on_several_threads_is_the_linear_product(threads, in_features, bias):
+    """One row on n threads: the weight's n row blocks (one per thread) give nn.Linear's product, its activation
+    after it; where n does not divide the row, the oneDNN kernel does (also nn.Linear's product)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(in_features, 2304 - in_features, bias=bias)
+    prepared = InferenceLinear(ref, pack=True, activation="gelu_tanh")
+    x = torch.randn(1, 1, in_features)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            expected = torch.nn.functional.gelu(ref(x), approximate="tanh")
+            torch.testing.assert_close(prepared(x), expected, atol=1e-5, rtol=1e-5)
+            if in_features % threads == 0:
+                torch.testing.assert_close(prepared.split_product(x, threads), expected, atol=1e-5, rtol=1e-5)
+            two_rows = torch.randn(1, 2, in_features)  # several rows: never split
+            torch.testing.assert_close(prepared(two_rows), torch.nn.functional.gelu(ref(two_rows), approximate="tanh"),
+                                       atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_transformers_twin_reproduces_the_checkpoint(toy_checkpoint):

@@ -352,13 +352,18 @@ class InferenceLinear(nn.Linear):
     """An nn.Linear for CPU inference sharing the parameters of the one it replaces (GPT.prepare_for_inference),
     optionally followed by an activation ("relu", "gelu", "gelu_tanh"), fused into the oneDNN kernel.
 
-    Kernels, as measured on 2-core AMD EPYCs (torch 2.13, fp32): for several rows (prefill, batched decoding)
-    oneDNN on the packed copy, ~2x faster than MKL. For one row (decoding one sequence) on one thread, MKL's
-    matrix-vector product over the row-major (in, out) matrix that the column-major weight is, except in layers
-    that shrink (in > out), whose short rows stream poorly; on more threads oneDNN, as MKL's matrix-vector
-    product runs on one thread only. Small weights skip oneDNN, whose fixed ~12 us per call outweighs its speed:
-    always up to PACK_MIN elements (64 x 192: 3 us with MKL, 15 us with oneDNN, at 1 to 64 rows), and for one
-    row up to ONE_ROW_MIN (512 x 512: 15 vs 20 us).
+    Kernels, as measured on 2-core AMD EPYCs (torch 2.13, fp32):
+    - several rows (prefill, batched decoding): oneDNN on the packed copy, ~2x faster than MKL;
+    - one row (decoding one sequence) on one thread: MKL's matrix-vector product over the row-major (in, out)
+      matrix that the column-major weight is, except in layers that shrink (in > out), whose short rows stream
+      poorly (oneDNN there);
+    - one row on n > 1 threads: that matrix cut into n contiguous blocks of in/n rows, one per thread, each
+      block's product by MKL on its thread (one batched matmul) and the n partial sums added. Neither library
+      splits a matrix-vector product this well: MKL's runs on one thread, and oneDNN's read GPT-2-small's
+      weights at ~21 GB/s where the blocks read at ~25.5 (Zen 4, ~34 GB/s: 23.4 -> 19.4 ms a pass, -12% a token);
+    - small weights skip oneDNN and the split, whose fixed costs outweigh their speed: oneDNN's ~12 us per call
+      always up to PACK_MIN elements (64 x 192: 3 us with MKL, 15 us with oneDNN, at 1 to 64 rows), and both
+      for one row up to ONE_ROW_MIN (512 x 512: 15 vs 20 us).
     """
 
     POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
@@ -374,16 +379,31 @@ class InferenceLinear(nn.Linear):
         pack = pack and size > self.PACK_MIN
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16) if pack else None
         self.one_row_packed = size > self.ONE_ROW_MIN
+        self.one_row_split = size > self.ONE_ROW_MIN and self.weight.t().is_contiguous()
         self.act = activation_layer(activation) if activation else nn.Identity()
         self.post_op, self.algorithm = self.POST_OPS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled() and (x.numel() > x.shape[-1] or (
-                self.one_row_packed and (self.in_features > self.out_features or torch.get_num_threads() > 1))):
+        if torch.is_grad_enabled():
+            return self.act(F.linear(x, self.weight, self.bias))
+        one_row, threads = x.numel() == x.shape[-1], torch.get_num_threads()
+        if one_row and threads > 1 and self.one_row_split and self.in_features % threads == 0:
+            return self.split_product(x, threads)
+        if self.packed is not None and (not one_row or (
+                self.one_row_packed and (self.in_features > self.out_features or threads > 1))):
             # the resolved overload: calling the op packet costs ~8 us of Python dispatch per call
             return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, self.bias, self.post_op, [],
                                                                self.algorithm)
         return self.act(F.linear(x, self.weight, self.bias))
+
+    def split_product(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """One row's product as n blocks of in/n weight rows, one per thread (see the class docstring)."""
+        K, N = self.in_features, self.out_features
+        blocks = self.weight.t().view(n, K // n, N)  # (n, K/n, N): contiguous views, no copy
+        y = torch.bmm(x.reshape(n, 1, K // n), blocks).sum(0)  # (n, 1, N) partial sums -> (1, N)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return self.act(y).view(*x.shape[:-1], N)
 
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
