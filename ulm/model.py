@@ -360,7 +360,8 @@ class InferenceLinear(nn.Linear):
     - one row on n > 1 threads: that matrix cut into n contiguous blocks of in/n rows, one per thread, each
       block's product by MKL on its thread (one batched matmul) and the n partial sums added. Neither library
       splits a matrix-vector product this well: MKL's runs on one thread, and oneDNN's read GPT-2-small's
-      weights at ~21 GB/s where the blocks read at ~25.5 (Zen 4, ~34 GB/s: 23.4 -> 19.4 ms a pass, -12% a token);
+      weights at ~21 GB/s where the blocks read at ~25.5 (Zen 4, ~34 GB/s). Paired runs, batch 1, 2 threads:
+      GPT-2-small 23.6 -> 20.9 ms a token, the 1 GB preset 58.5 -> 49.5, the "small" one 5.36 -> 5.08;
     - small weights skip oneDNN and the split, whose fixed costs outweigh their speed: oneDNN's ~12 us per call
       always up to PACK_MIN elements (64 x 192: 3 us with MKL, 15 us with oneDNN, at 1 to 64 rows), and both
       for one row up to ONE_ROW_MIN (512 x 512: 15 vs 20 us).
@@ -547,7 +548,8 @@ class GPT(nn.Module):
 
         Each (out, in) weight becomes a column-major view of a contiguous (in, out) matrix: values, shapes and
         parameters stay (tied weights stay tied), and F.linear hands BLAS a row-major (in, out) operand, which
-        the matrix-vector products of one-token decoding read up to 2x faster (the output layer most of all).
+        the matrix-vector products of one-token decoding read up to 2x faster (the output layer most of all), and
+        whose contiguous row blocks several threads share between them without a copy.
         With `pack`, each Linear also keeps a oneDNN-packed copy of its weight (see InferenceLinear for when it
         is used): speed for a second copy of the weights in memory. The feed-forward activation moves into its
         first Linear (one fused kernel). Prepare after loading the weights (the packed copies do not follow later
