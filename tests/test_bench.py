@@ -57,7 +57,7 @@ def test_prepared_model_gives_the_same_logits(activation, width):
                          ids=["2-threads", "2-threads-shrinking", "3-threads-not-dividing"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_one_row_product_on_several_threads_is_the_linear_product(threads, in_features, bias):
-    """One row on n threads: the weight's n row blocks (one per thread) give nn.Linear's product, its activation
+    """One row on n threads: the weight's n row blocks (shared among them) give nn.Linear's product, its activation
     after it; where n does not divide the row, the oneDNN kernel does (also nn.Linear's product)."""
     torch.manual_seed(0)
     ref = torch.nn.Linear(in_features, 2304 - in_features, bias=bias)

@@ -357,14 +357,15 @@ class InferenceLinear(nn.Linear):
     - one row (decoding one sequence) on one thread: MKL's matrix-vector product over the row-major (in, out)
       matrix that the column-major weight is, except in layers that shrink (in > out), whose short rows stream
       poorly (oneDNN there);
-    - one row on n > 1 threads: that matrix cut into n contiguous blocks of in/n rows, one per thread, each
-      block's product by MKL on its thread (one batched matmul) and the n partial sums added. Neither library
-      splits a matrix-vector product this well: MKL's runs on one thread, and oneDNN's read GPT-2-small's
+    - one row on n > 1 threads: that matrix cut into n contiguous blocks of in/n rows, the blocks' products as
+      one batched matmul (torch.bmm, which shares them among the threads) and the n partial sums added. Neither
+      library splits a matrix-vector product this well: MKL's runs on one thread, and oneDNN's read GPT-2-small's
       weights at ~21 GB/s where the blocks read at ~25.5 (Zen 4, ~34 GB/s). Paired runs, batch 1, 2 threads:
       GPT-2-small 23.6 -> 20.9 ms a token, the 1 GB preset 58.5 -> 49.5, the "small" one 5.36 -> 5.08;
     - small weights skip oneDNN and the split, whose fixed costs outweigh their speed: oneDNN's ~12 us per call
       always up to PACK_MIN elements (64 x 192: 3 us with MKL, 15 us with oneDNN, at 1 to 64 rows), and both
-      for one row up to ONE_ROW_MIN (512 x 512: 15 vs 20 us).
+      for one row up to ONE_ROW_MIN (512 x 512: 15 vs 20 us with oneDNN; the split, in cache, loses at 256 x 256,
+      16 vs 20 us, and wins at 768 x 768, 96 vs 62).
     """
 
     POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
@@ -398,7 +399,7 @@ class InferenceLinear(nn.Linear):
         return self.act(F.linear(x, self.weight, self.bias))
 
     def split_product(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """One row's product as n blocks of in/n weight rows, one per thread (see the class docstring)."""
+        """One row's product as n blocks of in/n weight rows, shared among n threads (see the class docstring)."""
         K, N = self.in_features, self.out_features
         blocks = self.weight.t().view(n, K // n, N)  # (n, K/n, N): contiguous views, no copy
         y = torch.bmm(x.reshape(n, 1, K // n), blocks).sum(0)  # (n, 1, N) partial sums -> (1, N)
