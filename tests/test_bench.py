@@ -131,6 +131,7 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
         assert printed.index(f"warm-up: {b}") < printed.index(f"round 1/1: {b}")
     res = json.loads(out.read_text())
     assert res["machine"]["threads"] == 1 and res["device"] == "cpu"
+    assert res["machine"]["cpu"] in printed  # the host's kind, which the figures depend on
     (run,) = res["results"]
     assert run["gpt2_small_shape"] is False
     rows = {r["backend"]: r for r in run["backends"]}
