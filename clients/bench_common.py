@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -53,8 +54,6 @@ def cpu_name() -> str:
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
-        import platform
-
         return platform.processor() or platform.machine()
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"

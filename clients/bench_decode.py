@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from clients.bench_common import (BACKENDS, BENCH_DIR, backend_dir, check_device, cpu_name, ensure_checkpoint, machine,
+from clients.bench_common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine,
                                   memory_bandwidth, parse_list, random_prompts, set_threads, time_decode,
                                   weight_bytes, weight_products, write_json)
 from ulm.config import GPT_PRESETS, gpt_preset
@@ -211,8 +211,9 @@ def gpt2_small_shape(cfg) -> bool:
 
 
 def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, shaped: bool, device: str) -> None:
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} thread(s)"
-    print(f"\n{preset}: {where}, load average {machine()['load_avg_1m']}; medians over rounds; roofline = weight "
+    host = machine()
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{host['cpu']}, {host['threads']} thread(s)"
+    print(f"\n{preset}: {where}, load average {host['load_avg_1m']}; medians over rounds; roofline = weight "
           f"bytes / memory read bandwidth measured around each run")
     print(f"{'backend':<13}{'device':>7}{'weights MB':>11}{'GB/s':>6}{'roofline ms':>12}{'ms/token':>10}"
           f"{'% roofline':>11}{'(rounds)':>11}{'products alone':>15}{f'tok/s b{batch}':>12}{f'roofline b{batch}':>14}")

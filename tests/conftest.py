@@ -1,6 +1,7 @@
 """Shared fixtures. Keep this small and generic: tests build their own data and models."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,10 +31,25 @@ def single_thread():
     Their ops are microseconds long, so threads only add synchronisation; on a loaded 2-core machine each
     parallel region can stall for ~0.2 s waiting for a descheduled worker (a 4 s test took 90 s).
     """
+    with threads(1):
+        yield
+
+
+@pytest.fixture
+def torch_threads(request):
+    """torch's intra-op threads for one test: parametrize "torch_threads" indirectly with the count."""
+    with threads(request.param) as n:
+        yield n
+
+
+@contextlib.contextmanager
+def threads(n: int):
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

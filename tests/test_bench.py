@@ -27,17 +27,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.mark.parametrize("width", [64, 384], ids=["small-weights", "packed-weights"])
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
-@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])  # 2: one row's large products split
-def test_prepared_model_gives_the_same_logits(activation, width, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        check_prepared_model(activation, width)
-    finally:
-        torch.set_num_threads(before)
-
-
-def check_prepared_model(activation: str, width: int) -> None:
+@pytest.mark.parametrize("torch_threads", [1, 2], ids=["1-thread", "2-threads"], indirect=True)  # 2: splits
+def test_prepared_model_gives_the_same_logits(activation, width, torch_threads):
     torch.manual_seed(0)
     cfg = gpt_preset("toy", activation=activation, n_embd=width, n_head=width // 32)
     ref = GPT(cfg).eval()
@@ -66,29 +57,24 @@ def check_prepared_model(activation: str, width: int) -> None:
     torch.testing.assert_close(model.state_dict()["blocks.0.mlp.fc.weight"], ref.state_dict()["blocks.0.mlp.fc.weight"])
 
 
-@pytest.mark.parametrize("threads, in_features", [(2, 768), (2, 1536), (3, 1024)],
+@pytest.mark.parametrize("torch_threads, in_features", [(2, 768), (2, 1536), (3, 1024)], indirect=["torch_threads"],
                          ids=["2-threads", "2-threads-shrinking", "3-threads-not-dividing"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_one_row_product_on_several_threads_is_the_linear_product(threads, in_features, bias):
+def test_one_row_product_on_several_threads_is_the_linear_product(torch_threads, in_features, bias):
     """One row on n threads: the weight's n row blocks (shared among them) give nn.Linear's product, its activation
     after it; where n does not divide the row, the oneDNN kernel does (also nn.Linear's product)."""
     torch.manual_seed(0)
     ref = torch.nn.Linear(in_features, 2304 - in_features, bias=bias)
     prepared = InferenceLinear(ref, pack=True, activation="gelu_tanh")
     x = torch.randn(1, 1, in_features)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            expected = torch.nn.functional.gelu(ref(x), approximate="tanh")
-            torch.testing.assert_close(prepared(x), expected, atol=1e-5, rtol=1e-5)
-            if in_features % threads == 0:
-                torch.testing.assert_close(prepared.split_product(x, threads), expected, atol=1e-5, rtol=1e-5)
-            two_rows = torch.randn(1, 2, in_features)  # several rows: never split
-            torch.testing.assert_close(prepared(two_rows), torch.nn.functional.gelu(ref(two_rows), approximate="tanh"),
-                                       atol=1e-5, rtol=1e-5)
-    finally:
-        torch.set_num_threads(before)
+    with torch.inference_mode():
+        expected = torch.nn.functional.gelu(ref(x), approximate="tanh")
+        torch.testing.assert_close(prepared(x), expected, atol=1e-5, rtol=1e-5)
+        if in_features % torch_threads == 0:
+            torch.testing.assert_close(prepared.split_product(x, torch_threads), expected, atol=1e-5, rtol=1e-5)
+        two_rows = torch.randn(1, 2, in_features)  # several rows: never split
+        torch.testing.assert_close(prepared(two_rows), torch.nn.functional.gelu(ref(two_rows), approximate="tanh"),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_transformers_twin_reproduces_the_checkpoint(toy_checkpoint):

@@ -380,8 +380,7 @@ class InferenceLinear(nn.Linear):
         size = self.weight.numel()
         pack = pack and size > self.PACK_MIN
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16) if pack else None
-        self.one_row_packed = size > self.ONE_ROW_MIN
-        self.one_row_split = size > self.ONE_ROW_MIN and self.weight.t().is_contiguous()
+        self.one_row_packed = size > self.ONE_ROW_MIN  # large enough for one row's own kernels: split or oneDNN
         self.act = activation_layer(activation) if activation else nn.Identity()
         self.post_op, self.algorithm = self.POST_OPS[activation]
 
@@ -389,7 +388,7 @@ class InferenceLinear(nn.Linear):
         if torch.is_grad_enabled():
             return self.act(F.linear(x, self.weight, self.bias))
         one_row, threads = x.numel() == x.shape[-1], torch.get_num_threads()
-        if one_row and threads > 1 and self.one_row_split and self.in_features % threads == 0:
+        if one_row and threads > 1 and self.one_row_packed and self.in_features % threads == 0:
             return self.split_product(x, threads)
         if self.packed is not None and (not one_row or (
                 self.one_row_packed and (self.in_features > self.out_features or threads > 1))):
