@@ -23,7 +23,7 @@ import torch
 from export.onnx_export import (DATA_FILE, DEFAULT_OPSET, MODEL_FILE, check_opset, export_onnx, input_names,
                                 present_names)
 from export.quantize import matmul_weight_bytes, model_bytes, quantize_int8
-from export.runtime import CONFIG_FILE, FORMAT, MANIFEST, REPORT_FILE, create_session, file_entries
+from export.runtime import CONFIG_FILE, FORMAT, INT8_WEIGHT_BITS, MANIFEST, REPORT_FILE, create_session, file_entries
 from export.verify import (ATOL, check_greedy, check_parity, eval_windows, parity_case, perplexity_ort,
                            perplexity_torch)
 from ulm.checkpoint import WEIGHTS_FILE, load_checkpoint
@@ -212,6 +212,8 @@ def write_export(out: Path, stage: Path, model_path: Path, model: GPT, tokenizer
         "format": FORMAT,
         **({"name": meta["name"]} if meta.get("name") else {}),  # the served model name, as for checkpoints
         "dtype": "int8" if opts.quantize == "int8" else "float32",
+        **({"quantization": {"weight_bits": INT8_WEIGHT_BITS, "per_channel": opts.per_channel}}
+           if opts.quantize == "int8" else {}),
         "model_file": MODEL_FILE,
         "opset": opts.opset,
         "num_params": model.num_params(),

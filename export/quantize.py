@@ -4,6 +4,10 @@ Pre-processing first (quant_pre_process: symbolic shape inference and ORT's basi
 fold constants such as the transposed tied output weight so its MatMul can be quantized too). Weights become
 int8 with a float scale per tensor (or per output column with per_channel); activations are quantized at run
 time, row by row. The embedding tables stay fp32 (they are gathered, not multiplied).
+
+Weights use 7 bits of the int8 range (reduce_range): on x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernel
+adds pairs of products in saturating int16, which full-range weights overflow; 7-bit ones cannot
+(2 * 255 * 64 < 2**15), so an export is equally accurate on every host (docs/export.md has the measurements).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from export.onnx_export import DATA_FILE, MODEL_FILE, quiet
+from export.runtime import INT8_WEIGHT_BITS
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
@@ -28,7 +33,7 @@ def quantize_int8(src: str | os.PathLike, out_dir: str | os.PathLike, per_channe
         quant_pre_process(str(src), str(pre), save_as_external_data=True, all_tensors_to_one_file=True,
                           external_data_location="pre.onnx.data")
         quantize_dynamic(pre, out, op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                         weight_type=QuantType.QInt8, use_external_data_format=True)
+                         reduce_range=INT8_WEIGHT_BITS == 7, weight_type=QuantType.QInt8, use_external_data_format=True)
     for f in (out, out.with_name(DATA_FILE)):
         f.chmod(0o644)  # the quantizer's temporary files are private
     return out

@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "verify_report.json"
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+INT8_WEIGHT_BITS = 7  # int8 exports' weights use [-64, 64]: full-range ones overflow non-VNNI CPUs' products
 
 
 class ExportError(ValueError):
@@ -48,6 +49,9 @@ def read_export(directory: str | os.PathLike) -> tuple[dict, GPTConfig, Tokenize
     if manifest.get("format") != FORMAT:
         raise ExportError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r} (an export from an "
                           f"older µLM: run `python -m export` on its checkpoint again)")
+    if manifest.get("dtype") == "int8" and manifest.get("quantization", {}).get("weight_bits") != INT8_WEIGHT_BITS:
+        raise ExportError(f"{path}: an int8 export with 8-bit weights, which overflow ONNX Runtime's int8 products "
+                          f"on CPUs without VNNI: run `python -m export --quantize int8` on its checkpoint again")
     for name, info in manifest.get("files", {}).items():  # sizes only: hashing GBs on every start is slow
         f = d / name
         if not f.is_file() or f.stat().st_size != info["bytes"]:

@@ -28,9 +28,8 @@ from ulm.tokenizer import char_level
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Bound asserted for the int8 model the test trains (2 layers, n_embd 64, 200 steps on a synthetic grammar):
-# relative perplexity increase <= 2%, the issue's figure for shakespeare-char. Measured: +0.3% (per-tensor
-# scales); small matrices quantize slightly worse than the 128-wide shakespeare-char ones, hence the margin.
-PPL_BOUND = 0.02
+# relative perplexity increase <= 1%. Measured on a Zen 3 host (no VNNI): +0.34% (7-bit weights, per tensor).
+PPL_BOUND = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +224,31 @@ def test_int8_is_smaller_and_keeps_perplexity(quantized):
     assert abs(ppl["float32"] - report["float32"]["perplexity"]["torch"]) < 1e-3 * ppl["float32"]
     assert ppl["relative_change"] <= PPL_BOUND, ppl
     assert any("int8 perplexity" in l for l in lines)
+
+
+def test_int8_weights_cannot_saturate_on_any_cpu(quantized):
+    """Every quantized weight is in [-64, 64]: a pair of u8 x s8 products then fits the int16 sums of ONNX
+    Runtime's kernel for CPUs without VNNI (2 * 255 * 64 < 2**15), so the export is accurate on every host."""
+    out, manifest, _ = quantized
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = [inits[n.input[1]] for n in model.graph.node
+               if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and n.input[1] in inits]
+    assert len(weights) == 2 * 4 + 1  # every Linear of the 2 blocks and the output layer
+    for w in weights:
+        assert w.dtype == np.int8 and -64 <= w.min() and w.max() <= 64
+        assert 2 * 255 * int(np.abs(w.astype(np.int32)).max()) < 2**15
+    assert manifest["quantization"]["weight_bits"] == 7
+
+
+def test_int8_export_with_full_range_weights_is_refused(quantized, tmp_path):
+    out, manifest, _ = quantized
+    old = tmp_path / "old-int8"
+    shutil.copytree(out, old)
+    before = {k: v for k, v in manifest.items() if k != "quantization"}  # what exports before 7-bit weights wrote
+    (old / "manifest.json").write_text(json.dumps(before))
+    with pytest.raises(ExportError, match="8-bit weights.*export --quantize int8"):
+        read_export(old)
 
 
 def test_int8_session_perplexity_matches_report(quantized, trained):

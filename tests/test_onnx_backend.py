@@ -16,7 +16,7 @@ import torch
 from clients.api.ulm.v1 import text_generation_pb2 as pb
 from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from export.quantize import quantize_int8
-from export.runtime import ExportError, file_entries
+from export.runtime import INT8_WEIGHT_BITS, ExportError, file_entries
 from server.backends import load_backend
 from server.backends.base import warmup
 from server.backends.onnx_backend import OnnxBackend
@@ -47,6 +47,7 @@ def int8_dir(export_dir, tmp_path_factory):
     quantize_int8(export_dir / "model.onnx", out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["dtype"] = "int8"
+    manifest["quantization"] = {"weight_bits": INT8_WEIGHT_BITS, "per_channel": False}
     manifest["files"] = file_entries(out, list(manifest["files"]))
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
