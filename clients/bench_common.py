@@ -121,18 +121,18 @@ def ensure_export(checkpoint: Path, quantize: str | None, cache: Path = BENCH_DI
     """`python -m export` of the checkpoint (fp32 or int8) under cache/exports, reused while the checkpoint's
     weights and the export format are unchanged."""
     from export.pipeline import ExportOptions, export_checkpoint
-    from export.runtime import FORMAT
+    from export.runtime import ExportError, read_export
     from ulm.checkpoint import WEIGHTS_FILE
     from ulm.data.dataset import file_sha256
 
     checkpoint = Path(checkpoint)
     sha = file_sha256(checkpoint / WEIGHTS_FILE)
     out = Path(cache) / "exports" / f"{checkpoint.resolve().name}-{sha[:12]}-{quantize or 'fp32'}"
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        if m["source"]["sha256"] == sha and m["format"] == FORMAT:
+    try:  # reused while the server would load it (a current format) and it is of these weights
+        if read_export(out)[0]["source"]["sha256"] == sha:
             return out
+    except ExportError:
+        pass
     print(f"exporting {checkpoint} ({quantize or 'fp32'}) to {out} (once; reused later)", flush=True)
     log = io.StringIO()
     try:
