@@ -3,17 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# torch is pinned here, not locked: the CPU wheel this machine kind ships (pip finds it); PyPI's build of the
+# same version pulls several GB of CUDA packages
+TORCH := torch==2.13.0
+TORCH_WHEELS ?= /opt/wheels
+UV := uv==0.13.9
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench lock clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# every package at its locked version, each file checked against the lock's hashes; then torch and the project
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps $(TORCH)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 serve: install
@@ -26,6 +33,15 @@ bench: install
 	$(PY) -m clients.bench_decode --presets toy,gpt2-small
 	$(PY) -m clients.bench_serving --preset gpt2-small
 	$(PY) -m clients.bench_train
+
+# upgrade the lock: the newest versions pyproject.toml allows (resolved against torch's CPU wheel), with hashes;
+# then `make test` and commit requirements.lock
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(UV)
+	printf 'setuptools>=68\nwheel\n$(TORCH)+cpu\n' | $(VENV)/bin/uv pip compile pyproject.toml - --extra test \
+	  --upgrade --generate-hashes --python-version 3.11 --find-links $(TORCH_WHEELS) --no-emit-package torch \
+	  --custom-compile-command "make lock" -o $(LOCK)
 
 clean:
 	rm -rf $(VENV)
