@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 TORCH_WHEELS ?= /opt/wheels
 UV := uv==0.13.9
 
-.PHONY: install serve test bench lock clean
+.PHONY: install serve test bench lock lock-upgrade clean
 
 install: $(STAMP)
 
@@ -34,14 +34,14 @@ bench: install
 	$(PY) -m clients.bench_serving --preset gpt2-small
 	$(PY) -m clients.bench_train
 
-# upgrade the lock: the newest versions pyproject.toml allows (resolved against torch's CPU wheel), with hashes;
-# then `make test` and commit requirements.lock
-lock:
+# lock: resolve pyproject.toml's dependencies (against torch's CPU wheel) into requirements.lock with hashes,
+# keeping the versions already locked; lock-upgrade: the newest versions it allows. Then `make test`, commit.
+lock lock-upgrade:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(UV)
 	printf 'setuptools>=68\nwheel\n$(TORCH)+cpu\n' | $(VENV)/bin/uv pip compile pyproject.toml - --extra test \
-	  --upgrade --generate-hashes --python-version 3.11 --find-links $(TORCH_WHEELS) --no-emit-package torch \
-	  --custom-compile-command "make lock" -o $(LOCK)
+	  $(if $(filter lock-upgrade,$@),--upgrade) --generate-hashes --python-version 3.11 --find-links $(TORCH_WHEELS) \
+	  --no-emit-package torch --custom-compile-command "make lock" -o $(LOCK)
 
 clean:
 	rm -rf $(VENV)
