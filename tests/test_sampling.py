@@ -103,3 +103,26 @@ def test_argmax_is_torchs_first_maximum():
     assert argmax(logits[4]) == int(logits[4].argmax())
     assert argmax(logits.bfloat16()) == logits.bfloat16().argmax(-1).tolist()
     assert argmax(logits[:, ::2]) == logits[:, ::2].argmax(-1).tolist()  # a strided view
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-30, 1e-12], ids=lambda t: f"T={t:g}")
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (40, 1.0), (0, 0.9)], ids=["full", "top-k", "top-p"])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature, top_k, top_p):
+    """logits / T overflowed to inf for T up to ~1e-38, and the softmax gave NaN (the pick was a padding id)."""
+    for seed in range(5):
+        logits = 20 * torch.randn(V, generator=torch.Generator().manual_seed(seed))
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        params.validate()
+        assert sample_token(logits, params, params.make_generator()) == int(logits.argmax())
+        picks = sample_batch(torch.stack([logits, -logits]), [params, params], [params.make_generator()] * 2)
+        assert picks == [int(logits.argmax()), int((-logits).argmax())]
+
+
+def test_ulm_generate_with_a_tiny_temperature_prints_the_greedy_text(toy_checkpoint, capsys):
+    from ulm.cli import main
+
+    args = ["generate", "12+34=", "--checkpoint", str(toy_checkpoint), "--max-new-tokens", "8", "--seed", "1"]
+    assert main([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args, "--temperature", "1e-45"]) == 0
+    assert capsys.readouterr().out == greedy and greedy.strip()

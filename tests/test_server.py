@@ -207,6 +207,14 @@ def test_seeded_sampling_equals_in_process_generation(stub, reference):
     check_stream(messages)
 
 
+def test_a_tiny_temperature_streams_the_greedy_text(stub, reference):
+    """1e-45 overflowed the logits to inf: the server answered OK with empty text."""
+    greedy = reference_ids(reference, "Tiny", 24)
+    for temperature in (1e-45, 1e-38):
+        _, ids, messages = collect(stub, prompt="Tiny", max_new_tokens=24, temperature=temperature, seed=1)
+        assert ids == greedy and messages[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+
+
 def test_generation_runs_past_the_context_as_in_process(server, stub, reference):
     """max_new_tokens 0 is the server's default (128), which this prompt only has room for by sliding its window:
     the stream equals in-process generation, which slides it alike."""

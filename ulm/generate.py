@@ -54,7 +54,8 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """
     if params.greedy:
         return argmax(logits)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    logits = (logits - logits.max()) / params.temperature  # <= 0: a tiny temperature gives -inf, never inf or NaN
     order = None  # candidate i is token order[i] (None: token i)
     if params.top_k and params.top_k < logits.shape[-1]:
         logits, order = torch.topk(logits, params.top_k)
