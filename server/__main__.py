@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from server.app import App
+from server.app import MAX_REQUEST_BYTES, App
 from server.metrics import Metrics
 from server.services import discover
 
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (it is logged)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here (0 picks a free port)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help="larger requests get RESOURCE_EXHAUSTED (a prompt, a text to tokenize)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for spec in discover().values():
         if spec.add_arguments is not None:
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_app(args: argparse.Namespace) -> App:
     metrics = Metrics()
     services = [spec.build(args, metrics) for spec in discover().values()]
-    return App(services, metrics, args.host, args.port, args.metrics_port)
+    return App(services, metrics, args.host, args.port, args.metrics_port, args.max_request_bytes)
 
 
 def default_checkpoint() -> str:

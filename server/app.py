@@ -3,7 +3,9 @@
 Health starts NOT_SERVING, turns SERVING once every service has started (models loaded and warmed up), and
 goes back to NOT_SERVING when the server drains. The interceptor wraps our services' methods: it refuses
 calls while draining, turns ServiceError into its status code (anything else into INTERNAL, logged), and
-counts every call by method and final status code.
+counts every call by method and final status code. It also parses the requests itself, so that one that is
+too large or undecodable reaches the handler as an error (counted, with a one-line status) instead of failing
+inside gRPC (uncounted, UNKNOWN and a traceback).
 """
 from __future__ import annotations
 
@@ -17,17 +19,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.errors import ServiceError, Unavailable
+from server.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable, call_end_code
 from server.metrics import Metrics
 from server.services import Service
 
 log = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 4 * 2**20  # gRPC's own default, now a flag
+CORE_LIMIT_FACTOR = 4  # gRPC refuses (uncounted) only requests this many times over the limit
 
 
 class App:
     def __init__(self, services: list[Service], metrics: Metrics, host: str = "127.0.0.1", port: int = 50051,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES):
+        if max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
         self.services = services
+        self.max_request_bytes = max_request_bytes
         self.metrics = metrics
         self.host, self.port = host, port
         self.metrics_port = metrics_port
@@ -42,7 +49,9 @@ class App:
     async def start(self) -> None:
         """Listen at once (health NOT_SERVING), then start the services; SERVING when all have started."""
         # without so_reuseport a second server on a taken port fails instead of sharing it
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self)], options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self)], options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", min(2**31 - 1, CORE_LIMIT_FACTOR * self.max_request_bytes))])
         for s in self.services:
             s.add_to_server(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -105,8 +114,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 wrapped = self._wrap_unary(behavior, details.method)
             else:
                 return handler
-            return make(wrapped, request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
+            parse = RequestParser(handler.request_deserializer, self.app.max_request_bytes)
+            return make(wrapped, request_deserializer=parse, response_serializer=passing_bytes(
+                handler.response_serializer))
         return handler
 
     def _wrap_unary(self, behavior, method: str):
@@ -114,7 +124,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             outcome = _Outcome(self.app, method, context)
             try:
                 outcome.check_accepting()
-                return await behavior(request, context)
+                return await behavior(checked(request), context)
             except BaseException as e:
                 await outcome.fail(e)
             finally:
@@ -127,7 +137,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             stream = None
             try:
                 outcome.check_accepting()
-                stream = behavior(request, context)
+                stream = behavior(checked(request), context)
                 async for response in stream:
                     yield response
             except BaseException as e:
@@ -153,9 +163,7 @@ class _Outcome:
     async def fail(self, e: BaseException) -> None:
         """Record the code and re-raise, or abort with the code the exception maps to."""
         if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-            left = self.context.time_remaining()
-            self.code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else (
-                grpc.StatusCode.CANCELLED)
+            self.code = call_end_code(self.context)
             raise e
         if isinstance(e, grpc.aio.AbortError):  # the handler aborted by itself
             self.code = self.context.code() or grpc.StatusCode.UNKNOWN
@@ -169,3 +177,48 @@ class _Outcome:
 
     def count(self) -> None:
         self.app.metrics.requests.labels(self.method.lstrip("/"), self.code.name).inc()
+
+
+class Unparsed:
+    """A request the parser refused: the handler's wrapper raises its error, so the call is counted."""
+
+    def __init__(self, error: ServiceError):
+        self.error = error
+
+
+class RequestParser:
+    """gRPC's request deserializer, with the size limit (--max-request-bytes) and decode errors as statuses."""
+
+    def __init__(self, deserialize, limit: int):
+        self.deserialize, self.limit = deserialize, limit
+
+    def __call__(self, data: bytes):
+        if len(data) > self.limit:
+            return Unparsed(ResourceExhausted(f"request is {len(data)} bytes, over this server's limit of "
+                                              f"{self.limit} (--max-request-bytes)"))
+        try:
+            return self.deserialize(data) if self.deserialize is not None else data
+        except Exception as e:  # protobuf's DecodeError, e.g. a string field that is not UTF-8
+            return Unparsed(InvalidArgument(f"request could not be decoded (a string field that is not valid "
+                                            f"UTF-8?): {type(e).__name__}: {e}".replace("\n", " ")))
+
+
+def passing_bytes(serialize):
+    """The response serializer, for handlers that may return their response serialized already (in a thread)."""
+    if serialize is None:
+        return None
+    return lambda response: response if isinstance(response, bytes) else serialize(response)
+
+
+def checked(request):
+    """The request itself, or its parser's error raised; a request stream yields its messages so."""
+    if isinstance(request, Unparsed):
+        raise request.error
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests):
+    async for request in requests:
+        yield checked(request)

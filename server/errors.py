@@ -38,3 +38,15 @@ class DeadlineExceeded(ServiceError):
 
 class Internal(ServiceError):
     code = grpc.StatusCode.INTERNAL
+
+
+# A client's own deadline fires first (the server's starts when the call arrives): its cancellation can reach the
+# server this long before the server's deadline. Within it, a cancelled call is counted as the deadline it was.
+DEADLINE_SLACK_S = 0.1
+
+
+def call_end_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call that the client left ended, as the client saw it: DEADLINE_EXCEEDED or CANCELLED."""
+    left = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= DEADLINE_SLACK_S else (
+        grpc.StatusCode.CANCELLED)

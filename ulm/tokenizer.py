@@ -4,6 +4,7 @@ Every µLM tokenizer has BOS, EOS and PAD special tokens and round-trips any UTF
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_META = "tokenizer_meta.json"
+LONG_TEXT = 4096  # characters
 
 
 class Tokenizer:
@@ -44,8 +46,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: its vocabulary entry's length (byte-level entries
+        spell a byte per character, byte fallbacks one byte in six). As text round-trips, a text of n characters
+        needs at least n / max_token_chars tokens: a bound that needs no encoding."""
+        return max(map(len, self.hf.get_vocab(with_added_tokens=False)), default=1)
+
+    @functools.cached_property
+    def _entries(self) -> list[str]:
+        return [self.hf.id_to_token(i) or "" for i in range(self.vocab_size)]
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each id's vocabulary entry."""
+        entries = self._entries
+        return [entries[i] for i in ids]
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if len(text) <= LONG_TEXT:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        else:  # the batch call lets other threads run meanwhile (encode holds the GIL: seconds for megabytes)
+            ids = self.hf.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return [self.bos_id] + ids if (self.add_bos if add_bos is None else add_bos) else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

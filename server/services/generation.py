@@ -15,7 +15,7 @@ from clients.api.ulm.v1 import text_generation_pb2 as pb
 from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.backends import BACKENDS, load_backend
 from server.backends.base import Backend, warmup
-from server.errors import InvalidArgument, NotFound, Unavailable
+from server.errors import InvalidArgument, NotFound, Unavailable, call_end_code
 from server.metrics import Metrics
 from server.scheduler import Chunk, GenerationRequest, Scheduler
 from server.services import ServiceSpec, register
@@ -24,6 +24,7 @@ from ulm.generate import SamplingParams
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
+ON_LOOP_CHARS = 4096  # longer texts are tokenized in a thread: on the event loop they would stall every call
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,7 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         self.metrics = metrics
         self.backend: Backend | None = None
         self.scheduler: Scheduler | None = None
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="ulm-tokenize")  # large texts, one at a time
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_TextGenerationServicer_to_server(self, server)
@@ -91,12 +93,13 @@ class GenerationService(pb_grpc.TextGenerationServicer):
     async def close(self) -> None:
         if self.scheduler is not None:
             await self.scheduler.close()
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # -- RPCs -------------------------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         scheduler = self._ready(request.model)
-        req = self.parse(request)
+        req = await self.parse(request)
         remaining = context.time_remaining()
         if remaining is not None:
             req.deadline = time.monotonic() + remaining
@@ -120,8 +123,13 @@ class GenerationService(pb_grpc.TextGenerationServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         self._ready(request.model)
         tok = self.backend.tokenizer
-        ids = tok.encode(request.text)
-        return pb.TokenizeResponse(token_ids=ids, tokens=[tok.hf.id_to_token(i) or "" for i in ids])
+        if len(request.text) <= ON_LOOP_CHARS:
+            return pb.TokenizeResponse(token_ids=(ids := tok.encode(request.text)), tokens=tok.token_strings(ids))
+
+        def tokenize() -> bytes:
+            ids = tok.encode(request.text)
+            return serialized_in_parts(pb.TokenizeResponse, token_ids=ids, tokens=tok.token_strings(ids))
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, tokenize)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         self._ready(request.model)
@@ -139,8 +147,8 @@ class GenerationService(pb_grpc.TextGenerationServicer):
             raise NotFound(f"model {model!r} is not served here; this server serves {self.backend.model_name!r}")
         return self.scheduler
 
-    def parse(self, r: pb.GenerateRequest) -> GenerationRequest:
-        """Validate a request; errors name the field."""
+    async def parse(self, r: pb.GenerateRequest) -> GenerationRequest:
+        """Validate a request; errors name the field. A prompt that cannot fit is refused before it is tokenized."""
         for name in ("temperature", "top_p"):
             if not math.isfinite(getattr(r, name)):
                 raise InvalidArgument(f"{name} must be a finite number, got {getattr(r, name)}")
@@ -154,10 +162,16 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         for i, s in enumerate(r.stop):
             if not s or len(s) > MAX_STOP_CHARS:
                 raise InvalidArgument(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
-        ids = self.backend.tokenizer.encode(r.prompt)
+        tok, context = self.backend.tokenizer, self.backend.config.block_size
+        if len(r.prompt) > context * tok.max_token_chars:
+            raise InvalidArgument(f"prompt ({len(r.prompt)} characters) cannot fit the context length {context} "
+                                  f"(a token holds at most {tok.max_token_chars} characters)")
+        if len(r.prompt) <= ON_LOOP_CHARS:
+            ids = tok.encode(r.prompt)
+        else:
+            ids = await asyncio.get_running_loop().run_in_executor(self.tokenizing, tok.encode, r.prompt)
         if not ids:
             raise InvalidArgument("prompt must not be empty")
-        context = self.backend.config.block_size
         if len(ids) > context:
             raise InvalidArgument(f"prompt ({len(ids)} tokens) exceeds the context length {context}")
         if r.max_new_tokens > self.args.max_new_tokens:
@@ -168,8 +182,15 @@ class GenerationService(pb_grpc.TextGenerationServicer):
 
 
 def call_end_reason(context: grpc.aio.ServicerContext) -> str:
-    left = context.time_remaining()
-    return "deadline" if left is not None and left <= 0 else "cancelled"
+    return "deadline" if call_end_code(context) == grpc.StatusCode.DEADLINE_EXCEEDED else "cancelled"
+
+
+def serialized_in_parts(message, part: int = 16384, **fields: list) -> bytes:
+    """A message of long repeated fields, serialized a slice at a time so that other threads run between slices:
+    protobuf parses concatenated serializations as one message whose repeated fields are concatenated."""
+    n = max(map(len, fields.values()))
+    return b"".join(message(**{k: v[i:i + part] for k, v in fields.items()}).SerializeToString()
+                    for i in range(0, max(n, 1), part))
 
 
 def to_response(chunk: Chunk) -> pb.GenerateResponse:
