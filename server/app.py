@@ -155,6 +155,7 @@ class _Outcome:
     def __init__(self, app: App, method: str, context: grpc.aio.ServicerContext):
         self.app, self.method, self.context = app, method, context
         self.code = grpc.StatusCode.OK
+        self.counted = False
 
     def check_accepting(self) -> None:
         if self.app.draining:
@@ -173,10 +174,14 @@ class _Outcome:
         else:
             log.exception("%s failed", self.method)
             self.code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        self.count()  # before the client can see the status
         await self.context.abort(self.code, message)
 
     def count(self) -> None:
-        self.app.metrics.requests.labels(self.method.lstrip("/"), self.code.name).inc()
+        """Once per call."""
+        if not self.counted:
+            self.counted = True
+            self.app.metrics.requests.labels(self.method.lstrip("/"), self.code.name).inc()
 
 
 class Unparsed:
