@@ -25,9 +25,16 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix = 0  # window start
         self.read = 0  # tokens up to here have been emitted
+        self.byte_fallback = tokenizer.byte_fallback_ids
+        self.special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}  # decoded as nothing
+        self.last_visible: int | None = None
 
     def push(self, token: int) -> str:
         self.ids.append(token)
+        if token not in self.special:
+            self.last_visible = token
+        if self.last_visible in self.byte_fallback:  # a run of byte tokens decodes as a whole: held until it ends
+            return ""
         done = self.tokenizer.decode(self.ids[self.prefix:self.read])
         text = self.tokenizer.decode(self.ids[self.prefix:])
         if len(text) > len(done) and not text.endswith(REPLACEMENT):

@@ -54,6 +54,15 @@ class Tokenizer:
         return max(map(len, self.hf.get_vocab(with_added_tokens=False)), default=1)
 
     @functools.cached_property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """The <0xNN> tokens of a byte-fallback vocabulary. Their text depends on the tokens after them: a run of
+        them that is not valid UTF-8 decodes as one U+FFFD per token, valid bytes included."""
+        if not getattr(self.hf.model, "byte_fallback", False):
+            return frozenset()
+        ids = (self.hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        return frozenset(i for i in ids if i is not None)
+
+    @functools.cached_property
     def _entries(self) -> list[str]:
         return [self.hf.id_to_token(i) or "" for i in range(self.vocab_size)]
 
