@@ -6,24 +6,29 @@ format, dtype, graph inputs/outputs, the verification report and the SHA-256 and
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import psutil
 
-from export.onnx_export import input_names, present_names
+from export.onnx_export import DATA_FILE, MODEL_FILE, input_names, past_names, present_names
 from ulm.config import GPTConfig
 from ulm.data.dataset import file_sha256
-from ulm.tokenizer import Tokenizer
+from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, check_json_types, is_json_type, read_json_object
 
 FORMAT = "ulm-onnx/2"  # 2: the cache is a fixed-size buffer updated in place (1: concatenated)
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "verify_report.json"
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+DTYPES = ("float32", "int8")
+REQUIRED_FILES = (MODEL_FILE, DATA_FILE, CONFIG_FILE, TOKENIZER_FILE)
+MANIFEST_TYPES = {"name": str, "dtype": str, "quantization": dict, "files": dict, "num_params": int,
+                  "inputs": list, "outputs": list}
 INT8_WEIGHT_BITS = 7  # int8 exports' weights use [-64, 64]: full-range ones overflow non-VNNI CPUs' products
 
 
@@ -32,7 +37,7 @@ class ExportError(ValueError):
 
 
 def read_export(directory: str | os.PathLike) -> tuple[dict, GPTConfig, Tokenizer]:
-    """(manifest, model config, tokenizer) of an export directory; ExportError naming what is wrong."""
+    """(manifest, model config, tokenizer) of an export directory; ExportError naming the file that is wrong."""
     d = Path(directory)
     if not d.is_dir():
         raise ExportError(f"export directory {d} does not exist")
@@ -40,23 +45,81 @@ def read_export(directory: str | os.PathLike) -> tuple[dict, GPTConfig, Tokenize
     if not path.is_file():
         hint = " (a µLM checkpoint: run `python -m export` on it first)" if (d / "model.safetensors").is_file() else ""
         raise ExportError(f"{d} is not an ONNX export: no {MANIFEST}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-        config = json.loads((d / CONFIG_FILE).read_text())
-        cfg = GPTConfig.from_dict(config["model"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"{d}: unreadable {MANIFEST} or {CONFIG_FILE}: {e}") from e
+    manifest = read_json_object(path, ExportError)
     if manifest.get("format") != FORMAT:
         raise ExportError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r} (an export from an "
                           f"older µLM: run `python -m export` on its checkpoint again)")
+    check_json_types(manifest, MANIFEST_TYPES, path, ExportError)
+    if manifest.get("dtype", "float32") not in DTYPES:
+        raise ExportError(f"{path}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
     if manifest.get("dtype") == "int8" and manifest.get("quantization", {}).get("weight_bits") != INT8_WEIGHT_BITS:
         raise ExportError(f"{path}: an int8 export with 8-bit weights, which overflow ONNX Runtime's int8 products "
                           f"on CPUs without VNNI: run `python -m export --quantize int8` on its checkpoint again")
-    for name, info in manifest.get("files", {}).items():  # sizes only: hashing GBs on every start is slow
+    check_sizes(d, manifest)
+    cfg = read_model_config(d / CONFIG_FILE)
+    for key, names in (("inputs", input_names(cfg.n_layer)), ("outputs", ["logits", *present_names(cfg.n_layer)])):
+        if manifest.get(key, names) != names:
+            raise ExportError(f"{path}: its {key} do not match {d / CONFIG_FILE} ({cfg.n_layer} layers)")
+    check_graph(d / MODEL_FILE, cfg)
+    try:
+        tokenizer = Tokenizer.load(d)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{d} has no usable tokenizer: {e}") from e
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ExportError(f"{d / TOKENIZER_FILE}: tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the "
+                          f"model's ({cfg.vocab_size}, {d / CONFIG_FILE})")
+    return manifest, cfg, tokenizer
+
+
+def check_sizes(d: Path, manifest: dict) -> None:
+    """Every file the manifest lists is there at its size (hashing GBs on every start is slow), the graph among them."""
+    path, files = d / MANIFEST, manifest.get("files")
+    if files is None:
+        raise ExportError(f"{path} lists no files")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise ExportError(f"{path} does not list {name}")
+    for name, info in files.items():
+        if Path(name).name != name or not isinstance(info, dict) or not is_json_type(info.get("bytes"), int):
+            raise ExportError(f"{path}: bad entry for {name!r} in 'files' (a file name and its bytes)")
         f = d / name
         if not f.is_file() or f.stat().st_size != info["bytes"]:
             raise ExportError(f"{d}: {name} is missing or has the wrong size (truncated copy?)")
-    return manifest, cfg, Tokenizer.load(d)
+
+
+def read_model_config(path: Path) -> GPTConfig:
+    config = read_json_object(path, ExportError)
+    check_json_types(config, {"model": dict}, path, ExportError)
+    try:
+        return GPTConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{path} has an invalid model config: {e}") from e
+
+
+def check_graph(path: Path, cfg: GPTConfig) -> None:
+    """The graph's signature matches the config and its weights lie inside their file: a mismatch would surface
+    only in ONNX Runtime's first call, as an error naming neither file."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # protobuf's DecodeError shares no base with OSError or ValueError
+        raise ExportError(f"{path} is not an ONNX model: {e}") from e
+    cache = ["batch", cfg.n_head, "cache_length", cfg.head_dim]
+    want = {"logits": [cfg.vocab_size], **dict.fromkeys([*past_names(cfg.n_layer), *present_names(cfg.n_layer)], cache)}
+    signature = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                 for v in [*graph.input, *graph.output]}
+    if list(signature) != [*input_names(cfg.n_layer), "logits", *present_names(cfg.n_layer)] or any(
+            signature[name][-len(dims):] != dims for name, dims in want.items()):
+        raise ExportError(f"{path}: the graph's inputs and outputs do not match {path.with_name(CONFIG_FILE)}")
+    data_size = path.with_name(DATA_FILE).stat().st_size
+    for t in graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = {e.key: e.value for e in t.external_data}
+        offset, length = int(where.get("offset", 0)), int(where.get("length", -1))
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if where.get("location") != DATA_FILE or length != math.prod(t.dims) * itemsize or offset + length > data_size:
+            raise ExportError(f"{path}: weight {t.name} does not lie within {DATA_FILE} at its size (a mixed-up "
+                              f"or truncated copy?)")
 
 
 def file_entries(directory: Path, names: list[str]) -> dict[str, dict]:

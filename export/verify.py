@@ -15,11 +15,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from export.runtime import empty_cache, run
 from ulm.generate import generate_ids
 from ulm.model import GPT
+from ulm.progress import progress_bar
 
 ATOL = 1e-4  # max abs logits difference accepted in fp32
 GREEDY_STEPS = 64
@@ -105,7 +105,7 @@ def eval_windows(tokens: np.ndarray, block_size: int, max_tokens: int) -> np.nda
 def perplexity_ort(session: ort.InferenceSession, model_cfg, windows: np.ndarray, batch: int = 8) -> float:
     B_all, L = windows.shape[0], windows.shape[1] - 1
     total = 0.0
-    for i in tqdm(range(0, B_all, batch), desc="perplexity", leave=False, unit="batch", disable=None):
+    for i in progress_bar(range(0, B_all, batch), desc="perplexity", leave=False, unit="batch"):
         w = windows[i:i + batch]
         B = len(w)
         logits, _ = run(session, w[:, :-1], np.zeros(B), np.broadcast_to(np.arange(L), (B, L)),

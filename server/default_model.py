@@ -1,7 +1,8 @@
 """The model `python -m server` serves when given no --checkpoint: µLM's 2-digit adder.
 
 It needs no data and no network: the training data is made on the fly. The first start trains it (about a
-quarter of a minute on 2 cores, with a progress bar) into the cache; later starts load it from there.
+quarter of a minute on 2 cores, with a progress bar on a terminal, a few progress lines in a log) into the cache;
+later starts load it from there.
 """
 from __future__ import annotations
 

@@ -349,3 +349,74 @@ def test_cli_bad_inputs(tmp_path, capsys):
     assert set(load_manifest(tmp_path / "ok")["splits"]) == {"train", "val", "test"}
     assert main(["data", "info", str(tmp_path / "ok"), "--verify"]) == 0
     assert "(verified)" in capsys.readouterr().out
+
+
+def test_folder_symlinks_outside_are_refused_unless_followed(tmp_path, capsys):
+    folder, secret = tmp_path / "corpus", tmp_path / "secret.txt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.txt").write_text(TEXT)
+    (folder / "inside.txt").symlink_to(folder / "sub" / "a.txt")  # within the folder: read
+    secret.write_text("SECRET " * 50)
+    assert len(resolve_source(folder).files) == 2
+    (folder / "leak.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"leak\.txt: a symlink to .*secret\.txt, outside .*--follow-symlinks"):
+        build([folder], tmp_path / "ds")
+    assert main(["data", "build", "--no-progress", "--source", str(folder), "--out", str(tmp_path / "ds")]) == 2
+    assert "leak.txt" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+    assert main(["data", "build", "--no-progress", "--source", str(folder), "--out", str(tmp_path / "ds"),
+                 "--follow-symlinks", "--val-fraction", "0.5"]) == 0
+    tok = load_tokenizer(tmp_path / "ds")
+    text = "".join(tok.decode(load_split(tmp_path / "ds", s).tolist()) for s in ("train", "val"))
+    assert "SECRET" in text
+
+
+# a build that stops for good once its staging folder holds train.bin, so that it can be killed there
+STALLED_BUILD = """
+import sys, time
+from ulm.data import build
+real = build.write_split
+def stall(path, *args):
+    real(path, *args)
+    print("staged", flush=True)
+    time.sleep(600)
+build.write_split = stall
+build.build_dataset([sys.argv[1]], sys.argv[2], tokenizer="byte", progress=False, log=None)
+"""
+
+
+def test_build_after_a_killed_one_removes_its_staging(tmp_path):
+    src, out = tmp_path / "t.txt", tmp_path / "ds"
+    src.write_text(TEXT)
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_BUILD, str(src), str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "staged\n"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+    stale = tmp_path / f".ds.tmp-{proc.pid}"
+    assert (stale / "train.bin").is_file() and not out.exists()
+    with subprocess.Popen(["sleep", "60"]) as live:  # another build's folder, its process still running
+        busy = tmp_path / f".ds.tmp-{live.pid}"
+        busy.mkdir()
+        try:
+            build([src], out, tokenizer="byte")
+            assert not stale.exists() and busy.is_dir()
+        finally:
+            live.kill()
+    verify_dataset(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "ds", "t.txt"]
+
+
+def test_dataset_set_aside_by_a_killed_build_is_restored(tmp_path):
+    """Killed between replace_dir's two renames, a build leaves the older dataset in .ds.old-PID and none at --out."""
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT)
+    old = build([src], tmp_path / "ds", tokenizer="byte")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    os.replace(old, tmp_path / f".ds.old-{gone.pid}")
+    with pytest.raises(ValueError, match="pass --overwrite"):  # the restored dataset is not replaced unasked
+        build([src], tmp_path / "ds", tokenizer="char")
+    assert load_tokenizer(tmp_path / "ds").kind == "byte"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "t.txt"]

@@ -1,4 +1,6 @@
-"""The trainer: schedules, optimizer groups, configs, determinism, exact resume after a kill, DDP, eval, adder."""
+"""The trainer: schedules, optimizer groups, configs, determinism, exact resume after a kill, DDP, eval, adder,
+progress reports."""
+import io
 import json
 import math
 import os
@@ -20,6 +22,7 @@ from ulm.data.build import build_dataset
 from ulm.data.dataset import load_split
 from ulm.generate import generate_ids, generate_text
 from ulm.model import GPT
+from ulm.progress import progress_bar
 from ulm.train import STATE_JSON, evaluate, lr_at, make_optimizer, read_metrics, train
 from ulm.train_config import TrainConfig, build_config, parse_override, preset_names
 
@@ -261,3 +264,41 @@ def test_adder_learns_and_answers(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["split"] == "test" and r["accuracy"] == summary["test_accuracy"]
     print(f"adder: {summary['iters']} iterations, test exact match {summary['test_accuracy']:.4f}, {elapsed:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress reports
+
+
+def test_progress_in_a_log_file_is_whole_lines(tmp_path):
+    """With its output going to a file (systemd, docker), a run reports progress in a few whole lines, not in
+    tqdm's '\\r' redraws."""
+    log = tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "ulm", "train", "--preset", "adder", "--out", str(tmp_path / "run"),
+           "--set", *TINY, "max_iters=300", "eval_interval=100"]
+    with open(log, "wb") as f:
+        subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=120, check=True)
+    text = log.read_text()
+    assert "\r" not in text
+    progress = [line for line in text.splitlines() if line.startswith("train: ")]
+    assert progress and progress[-1].startswith("train: 100% 300/300"), text
+    assert len(text.splitlines()) <= 20, text  # a line per evaluation, a few of progress, and the summary
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_elsewhere():
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        for _ in progress_bar(range(40), desc="work", file=stream, mininterval=0.05):
+            time.sleep(0.01)
+    assert "\r" in terminal.getvalue()  # tqdm's own bar
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 2 <= len(lines) <= 12, lines  # one per 0.05 s at most, and the last
+    assert lines[0].startswith("work:   0% 0/40") and lines[-1].startswith("work: 100% 40/40")
+    with progress_bar(total=5, file=log, disable=True) as bar:
+        bar.update(5)
+    assert log.getvalue().splitlines() == lines

@@ -15,11 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from ulm.config import GPTConfig
 from ulm.model import GPT, SinusoidalPositionalEncoding, sinusoidal_table
-from ulm.tokenizer import Tokenizer, atomic_write_text, byte_level
+from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, atomic_write_text, byte_level, check_json_types, read_json_object
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "ulm-checkpoint/1"
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# config.json keys the tools read back (the addition task's: `ulm eval` rebuilds the task from them)
+CONFIG_TYPES = {"model": dict, "name": str, "preset": str, "task": str, "dataset": str, "digits": int,
+                "reverse": bool, "val_fraction": float, "test_fraction": float, "split_seed": int}
 
 
 class CheckpointError(ValueError):
@@ -51,14 +55,12 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint directory {d} {'is not a directory' if d.exists() else 'does not exist'}")
     if not path.is_file():
         raise CheckpointError(f"{d} is not a µLM checkpoint: no {CONFIG_FILE}")
-    try:
-        meta = json.loads(path.read_bytes())
-    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(meta).__name__}")
+    meta = read_json_object(path, CheckpointError)
     if meta.get("format") != FORMAT or meta.get("model_type") != "gpt":
         raise CheckpointError(f"{path} is not a µLM GPT checkpoint (format {meta.get('format')!r})")
+    if "model" not in meta:
+        raise CheckpointError(f"{path} has no 'model' config")
+    check_json_types(meta, CONFIG_TYPES, path, CheckpointError)
     return meta
 
 
@@ -78,6 +80,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is unreadable (truncated or corrupt?): {e}") from e
+    check_dtypes(state, str(weights))
     with torch.device("meta"):
         model = GPT(cfg)
     load_state(model, state, str(weights))
@@ -86,9 +89,18 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{d} has no usable tokenizer: {e}") from e
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({cfg.vocab_size})")
+        raise CheckpointError(f"{d / TOKENIZER_FILE}: tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the "
+                              f"model's ({cfg.vocab_size}, {d / CONFIG_FILE})")
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer, meta
+
+
+def check_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
+    """One floating dtype throughout: float64, integer or mixed weights fail only in the first forward pass."""
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) > 1 or not dtypes <= set(WEIGHT_DTYPES):
+        found = ", ".join(sorted(str(t).removeprefix("torch.") for t in dtypes))
+        raise CheckpointError(f"{source}: tensors must all be float32, float16 or bfloat16, found {found}")
 
 
 def load_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:

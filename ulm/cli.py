@@ -102,6 +102,9 @@ def add_data(sub) -> None:
     b.add_argument("--shuffle-seed", type=int, help="shuffle documents (with this seed) before splitting")
     b.add_argument("--cache-dir", help="download cache for named corpora (default ~/.cache/ulm or $ULM_CACHE_DIR)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    b.add_argument("--follow-symlinks", action="store_true",
+                   help="read symlinks in a source folder that point outside it (default: refuse the build, "
+                        "naming the link; links within the folder are always read)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     b.set_defaults(func=run_data_build)
     i = dsub.add_parser("info", help="print a dataset's splits and id")
@@ -117,7 +120,8 @@ def run_data_build(args) -> None:
                   val_fraction=args.val_fraction, test_fraction=args.test_fraction, jsonl_field=args.jsonl_field,
                   text_unit=args.text_unit, normalization=args.normalization, whitespace=args.whitespace,
                   dedup=args.dedup, min_chars=args.min_chars, shuffle_seed=args.shuffle_seed,
-                  cache_dir=args.cache_dir, overwrite=args.overwrite, progress=args.progress)
+                  cache_dir=args.cache_dir, overwrite=args.overwrite, progress=args.progress,
+                  follow_symlinks=args.follow_symlinks)
 
 
 def run_data_info(args) -> None:

@@ -16,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_META = "tokenizer_meta.json"
+META_TYPES = {"kind": str, "bos": str, "eos": str, "pad": (str, type(None)), "add_bos": bool}
 LONG_TEXT = 4096  # characters
 
 
@@ -102,9 +103,13 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path} is not a valid tokenizer file: {e}") from e
         meta_path = d / TOKENIZER_META
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        return cls(hf, bos=meta.get("bos", BOS), eos=meta.get("eos", EOS), pad=meta.get("pad", PAD),
-                   add_bos=meta.get("add_bos", True), kind=meta.get("kind", "custom"))
+        meta = read_json_object(meta_path) if meta_path.is_file() else {}
+        check_json_types(meta, META_TYPES, meta_path)
+        try:
+            return cls(hf, bos=meta.get("bos", BOS), eos=meta.get("eos", EOS), pad=meta.get("pad", PAD),
+                       add_bos=meta.get("add_bos", True), kind=meta.get("kind", "custom"))
+        except ValueError as e:  # a special token its vocabulary lacks
+            raise ValueError(f"{path}: {e}" + (f" (named in {meta_path.name})" if meta else "")) from e
 
 
 def byte_level() -> Tokenizer:
@@ -145,6 +150,39 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict:
+    """The JSON object in `path`; `error` naming the file when it is unreadable, not JSON or not an object."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror}") from e
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise error(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise error(f"{path} must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+              float: "a number", type(None): "null"}
+
+
+def check_json_types(obj: dict, types: dict[str, type | tuple[type, ...]], path: Path,
+                     error: type[ValueError] = ValueError) -> None:
+    """`error` naming the file and the field when a field of `types` that is present has another JSON type."""
+    for key, want in types.items():
+        if key in obj and not is_json_type(obj[key], want):
+            names = " or ".join(JSON_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
+            raise error(f"{path}: field {key!r} must be {names}, got {JSON_NAMES.get(type(obj[key]), 'other')}")
+
+
+def is_json_type(value, want: type | tuple[type, ...]) -> bool:
+    wants = want if isinstance(want, tuple) else (want,)
+    if isinstance(value, bool):  # a bool is an int to isinstance, not to JSON
+        return bool in wants
+    return isinstance(value, wants) or (float in wants and isinstance(value, int))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True,

@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
 from ulm.addition import IGNORE, AdditionTask, exact_match
-from ulm.checkpoint import load_checkpoint, save_checkpoint
+from ulm.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from ulm.model import GPT
+from ulm.progress import progress_bar
 from ulm.tokenizer import Tokenizer, atomic_write_text
 from ulm.train_config import TrainConfig, build_config
 
@@ -450,8 +450,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
             f.write(json.dumps(record) + "\n")
 
     loss_acc = torch.tensor(loss_sum, device=device)  # summed on-device between logs: no per-step sync
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (progress and d.master), desc="train",
-               dynamic_ncols=True)
+    bar = progress_bar(total=cfg.max_iters, initial=step, disable=not (progress and d.master), desc="train")
     t_log, step_log, t_start = time.perf_counter(), step, time.perf_counter() - elapsed
     stop = cfg.stop_accuracy > 0 and streak >= cfg.stop_patience  # a resumed run that had already stopped
     while step < cfg.max_iters and not stop:
@@ -604,7 +603,10 @@ def evaluate(checkpoint: str | os.PathLike, dataset: str | os.PathLike | None = 
     if meta.get("task") == "addition":
         if dataset:
             raise ValueError("an addition checkpoint makes its own data: --dataset does not apply")
-        task = AdditionTask.from_extra(meta)
+        try:
+            task = AdditionTask.from_extra(meta)
+        except ValueError as e:  # a field out of range: name the file it came from
+            raise CheckpointError(f"{Path(checkpoint) / CONFIG_FILE}: {e}") from e
         split = split or "test"
         pairs = task.pairs(split)
         loss = mean_loss(model, (task.batch(pairs[i: i + 1024]) for i in range(0, len(pairs), 1024)),
@@ -620,7 +622,7 @@ def evaluate(checkpoint: str | os.PathLike, dataset: str | os.PathLike | None = 
         raise ValueError(f"dataset {dataset} was tokenized with a different vocabulary than the checkpoint's")
     split = split or "val"
     windows = (len(data.split(split)) - 1) // data.block_size
-    batches = tqdm(data.batches(split, batch_size), total=math.ceil(windows / batch_size), disable=not progress,
-                   desc=f"eval {split}")
+    batches = progress_bar(data.batches(split, batch_size), total=math.ceil(windows / batch_size),
+                           disable=not progress, desc=f"eval {split}")
     loss = mean_loss(model, batches, torch.device(device), torch.float32)
     return {"split": split, "loss": loss, "perplexity": math.exp(loss), "tokens": windows * data.block_size}

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 
 from export.onnx_export import MODEL_FILE, past_names, present_names
-from export.runtime import CUDA, create_session, read_export
+from export.runtime import CUDA, ExportError, create_session, read_export
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ class OnnxBackend:
                              "fp32 on the CUDA provider. Serve it with --device cpu, or export without --quantize "
                              "for CUDA")
         # intra-op threads: the server's --threads (it sets torch's count), so one flag sizes either backend
-        self.session = create_session(d / MODEL_FILE, device, threads or torch.get_num_threads(), spin)
+        try:
+            self.session = create_session(d / MODEL_FILE, device, threads or torch.get_num_threads(), spin)
+        except Exception as e:  # ONNX Runtime's errors derive from Exception alone
+            raise ExportError(f"{d / MODEL_FILE}: ONNX Runtime cannot load it: {' '.join(str(e).split())}") from e
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         if device == "cuda" and self.device != "cuda":

@@ -2,9 +2,11 @@
 
 The build happens in a hidden temporary folder beside `out_dir`, manifest.json is written last, and the folder is
 renamed into place only when everything succeeded: a failed build leaves nothing that looks like a dataset.
+The folder's name holds the builder's PID: one left by a killed build is removed by the next build of `out_dir`.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -16,11 +18,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import psutil
 
 from ulm.data.clean import CleaningConfig, clean_documents, format_report
 from ulm.data.dataset import FORMAT, MANIFEST, SPLITS, file_sha256, token_dtype
 from ulm.data.sources import Document, Source, resolve_source
+from ulm.progress import progress_bar
 from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, byte_level, char_level, train_bpe
 
 TOKENIZER_KINDS = ("char", "bpe", "byte")
@@ -36,13 +39,15 @@ def build_dataset(sources: Sequence[str | os.PathLike | Source], out_dir: str | 
                   test_fraction: float = 0.0, jsonl_field: str = "text", text_unit: str = "file",
                   normalization: str = "NFC", whitespace: bool = True, dedup: bool = True, min_chars: int = 1,
                   shuffle_seed: int | None = None, cache_dir: str | os.PathLike | None = None,
-                  overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = print) -> Path:
+                  overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = print,
+                  follow_symlinks: bool = False) -> Path:
     """Build a dataset directory from `sources` (paths, corpus names or NAME=PATH specs) and return its path.
 
     Documents without a split of their own are split in order: about the first 1 - val - test of their characters
     are train, then val, then test, at whole documents where possible (see assign_splits); `shuffle_seed`
     shuffles them first.
     vocab_size applies to "bpe" only (default 4096); "char" takes its vocabulary from the train split.
+    follow_symlinks: read file symlinks in a folder source that point outside it (refused otherwise).
     """
     t0 = time.perf_counter()
     log = log or (lambda _: None)
@@ -58,10 +63,11 @@ def build_dataset(sources: Sequence[str | os.PathLike | Source], out_dir: str | 
     cleaning = CleaningConfig(normalization, whitespace, dedup, min_chars)
     cleaning.validate()
     out = Path(out_dir)
+    remove_stale_staging(out)
     check_out_dir(out, overwrite)
 
-    resolved = [s if isinstance(s, Source) else resolve_source(s, jsonl_field, text_unit, cache_dir, progress)
-                for s in sources]
+    resolved = [s if isinstance(s, Source) else resolve_source(s, jsonl_field, text_unit, cache_dir, progress,
+                                                               follow_symlinks) for s in sources]
     docs, report = clean_documents((d for s in resolved for d in s.documents()), cleaning, progress)
     log(f"read {len(resolved)} source(s): " + ", ".join(f"{s.name} ({s.num_documents} documents)" for s in resolved))
     log("cleaning:")
@@ -80,7 +86,7 @@ def build_dataset(sources: Sequence[str | os.PathLike | Source], out_dir: str | 
     params = dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, test_fraction=test_fraction,
                   jsonl_field=jsonl_field, text_unit=text_unit, shuffle_seed=shuffle_seed, **cleaning.to_dict())
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = staging_dir(out, "tmp", os.getpid())
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -129,10 +135,29 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is not empty and holds no dataset ({MANIFEST}); refusing to replace it")
 
 
+def staging_dir(out: Path, kind: str, pid: int) -> Path:
+    """The hidden folder beside `out` where process `pid` builds ("tmp") or sets aside an older dataset ("old")."""
+    return out.parent / f".{out.name}.{kind}-{pid}"
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Clean up after builds of `out` that were killed (SIGKILL, power loss): their staging folders, named by
+    their PID, outlive them. Folders of live builds are left alone."""
+    for kind in ("tmp", "old"):
+        for path in out.parent.glob(glob.escape(f".{out.name}.{kind}-") + "*"):
+            pid = path.name.rpartition("-")[2]
+            if not pid.isdigit() or psutil.pid_exists(int(pid)):
+                continue
+            if kind == "old" and not out.exists():  # killed between replace_dir's two renames: restore it
+                os.replace(path, out)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move the finished build `src` to `dst`, replacing an empty folder or older dataset there."""
     if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        old = staging_dir(dst, "old", os.getpid())
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
@@ -215,7 +240,7 @@ def make_tokenizer(kind: str, train_texts: list[str], vocab_size: int | None, pr
         return byte_level()
     if kind == "char":
         chars: set[str] = set()
-        for t in tqdm(train_texts, desc="char vocabulary", unit="doc", disable=not progress, leave=False):
+        for t in progress_bar(train_texts, desc="char vocabulary", unit="doc", disable=not progress, leave=False):
             chars.update(t)
         return char_level(chars)
     pieces = [p for t in train_texts for p in text_pieces(t)]
@@ -227,8 +252,8 @@ def write_split(path: Path, texts: list[str], tok: Tokenizer, dtype: np.dtype, p
     h, n = hashlib.sha256(), 0
     eos = np.array([tok.eos_id], dtype=dtype)
     num_chars = sum(len(t) for t in texts)
-    with open(path, "wb") as f, tqdm(total=num_chars, desc=f"encode {path.stem}", unit="char", unit_scale=True,
-                                     disable=not progress, leave=False) as bar:
+    with open(path, "wb") as f, progress_bar(total=num_chars, desc=f"encode {path.stem}", unit="char",
+                                             unit_scale=True, disable=not progress, leave=False) as bar:
         for batch in _batches(texts):
             encoded = iter(tok.encode_batch([s for s in batch if s is not None]))
             arrays = [eos if s is None else np.asarray(next(encoded), dtype=dtype) for s in batch]

@@ -12,9 +12,8 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from tqdm import tqdm
-
 from ulm.data.sources import Document
+from ulm.progress import progress_bar
 
 NORMALIZATIONS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 _TRAILING_SPACE = re.compile(r"[^\S\n]+(?=\n|\Z)")
@@ -59,7 +58,7 @@ def clean_documents(docs: Iterable[Document], cfg: CleaningConfig, progress: boo
     }
     seen: set[bytes] = set()
     kept = []
-    for doc in tqdm(docs, desc="clean", unit="doc", disable=not progress, leave=False):
+    for doc in progress_bar(docs, desc="clean", unit="doc", disable=not progress, leave=False):
         report["documents_in"] += 1
         text = doc.text
         if cfg.normalization != "none" and not unicodedata.is_normalized(cfg.normalization, text):

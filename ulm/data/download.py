@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
+from ulm.progress import progress_bar
 
 CHUNK = 1 << 16
 USER_AGENT = "ulm-data/1 (+https://github.com)"
@@ -99,7 +99,7 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
                           f"{response.headers.get('Content-Range')!r}")
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(
+        with open(part, "ab" if have else "wb") as f, progress_bar(
                 total=total, initial=have, unit="B", unit_scale=True, desc=f"download {part.name[:-5]}",
                 disable=not progress, leave=False) as bar:
             while block := response.read(CHUNK):

@@ -4,7 +4,8 @@ What one *document* is (the unit of de-duplication, of the length filter, and of
   text file     the whole file (`text_unit="file"`), or each blank-line separated paragraph ("paragraph"),
                 or each non-empty line ("line")
   folder        every non-hidden file below it, sorted by relative path, each read as above
-                (`*.jsonl` files as JSONL)
+                (`*.jsonl` files as JSONL); symlinked subfolders are not entered, and a file symlink pointing
+                outside the folder is refused unless `follow_symlinks` (`--follow-symlinks`)
   JSONL         one record: the string in its `field`
   TinyShakespeare   a text file (as above: one document by default)
   WikiText-2/103    one Wikipedia article (a top-level ` = Title = ` heading and what follows); these corpora
@@ -131,10 +132,12 @@ class Source:
 
 
 def resolve_source(spec: str | os.PathLike, jsonl_field: str = "text", text_unit: str = "file",
-                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Source:
+                   cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                   follow_symlinks: bool = False) -> Source:
     """Turn a --source spec into a Source, downloading a named corpus into the cache when needed.
 
-    Missing or unreadable inputs raise here, before any work is done.
+    Missing or unreadable inputs raise here, before any work is done. In a folder, a file symlink that points
+    outside it raises ValueError unless `follow_symlinks` (links within the folder are read either way).
     """
     if text_unit not in TEXT_UNITS:
         raise ValueError(f"text_unit must be one of {', '.join(TEXT_UNITS)}, got {text_unit!r}")
@@ -161,6 +164,7 @@ def resolve_source(spec: str | os.PathLike, jsonl_field: str = "text", text_unit
         if not files:
             raise ValueError(f"{path}: folder has no files")
         for p, _ in files:
+            check_inside(p, path, follow_symlinks)
             check_readable(p)
         return Source("folder", path.resolve().name, files, jsonl_field, text_unit)
     kind = "jsonl" if path.suffix == ".jsonl" else "text"
@@ -186,6 +190,14 @@ def _local_corpus(corpus: Corpus, path: Path, text_unit: str) -> Source:
     check_digest(path, corpus.sha256, f"{path} (local copy of {corpus.name})")
     return Source("corpus", corpus.name, [(path, corpus.filename)], corpus=corpus, verified=True,
                   text_unit=text_unit)
+
+
+def check_inside(path: Path, folder: Path, follow_symlinks: bool) -> None:
+    """Refuse a file of `folder` that is a link to text elsewhere, unless the caller opted in to following links."""
+    if follow_symlinks or path.resolve().is_relative_to(folder.resolve()):
+        return
+    raise ValueError(f"{path}: a symlink to {path.resolve()}, outside the source folder {folder}; "
+                     "pass --follow-symlinks to read it")
 
 
 def check_readable(path: Path) -> None:
