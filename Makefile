@@ -30,9 +30,9 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 bench: install
-	$(PY) -m clients.bench_decode --presets toy,gpt2-small
-	$(PY) -m clients.bench_serving --preset gpt2-small
-	$(PY) -m clients.bench_train
+	$(PY) -m bench.decode --presets toy,gpt2-small
+	$(PY) -m bench.serving --preset gpt2-small
+	$(PY) -m bench.train
 
 # lock: resolve pyproject.toml's dependencies (against torch's CPU wheel) into requirements.lock with hashes,
 # keeping the versions already locked; lock-upgrade: the newest versions it allows. Then `make test`, commit.

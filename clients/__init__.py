@@ -1,1 +1,1 @@
-"""µLM clients: generated gRPC stubs (clients.api) and the `python -m clients` command line."""
+"""µLM command-line client: talks to a server over gRPC only (the stubs are in protos/)."""

@@ -15,8 +15,9 @@ import sys
 
 import grpc
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from clients.load import run_level
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = os.environ.get("ULM_TARGET", "127.0.0.1:50051")
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
@@ -57,9 +58,8 @@ def run_tokenize(args: argparse.Namespace) -> None:
 
 async def bench(target: str, streams: int, max_new_tokens: int, prompt: str = "Once upon a time",
                 repeats: int = 3) -> dict:
-    """N concurrent greedy streams against one alone (clients.bench_serving's levels): if requests are batched,
+    """N concurrent greedy streams against one alone (bench.serving's levels): if requests are batched,
     the ratio wall(N) / (N * wall(1)) is far below 1."""
-    from clients.bench_serving import run_level
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TextGenerationStub(channel)
@@ -81,7 +81,7 @@ def run_bench(args: argparse.Namespace) -> None:
     print(f"batching ratio wall({r['streams']}) / ({r['streams']} x wall(1)) = {r['ratio']:.3f}")
     if r["errors"]:
         print(f"errors: {r['errors']}")
-    print("(the full concurrency sweep, with plots: python -m clients.bench_serving --target ...)")
+    print("(the full concurrency sweep, with plots: python -m bench.serving --target ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:

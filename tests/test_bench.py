@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients import bench_decode, bench_serving, bench_train
-from clients.bench_common import check_device, ensure_export, matmul_graph, time_decode, weight_bytes
+from bench import decode as bench_decode, serving as bench_serving, train as bench_train
+from bench.common import check_device, ensure_export, matmul_graph, time_decode, weight_bytes
 from export.quantize import quantize_int8
 from export.runtime import FORMAT, create_session
 from server.backends.torch_backend import TorchBackend

@@ -10,8 +10,8 @@ import sys
 import grpc
 import pytest
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server_fixture import CONTEXT, ROOT, InProcessServer, make_toy_checkpoint
 from ulm.tokenizer import Tokenizer
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2 as pb
 from server.__main__ import build_parser
 from server.backends import load_backend
 from server.detokenize import TextStream

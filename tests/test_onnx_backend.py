@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from export.quantize import quantize_int8
 from export.runtime import INT8_WEIGHT_BITS, ExportError, file_entries
 from server.backends import load_backend

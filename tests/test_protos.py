@@ -6,8 +6,8 @@ import sys
 
 from google.protobuf.descriptor import FieldDescriptor as F
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.gen_stubs import API_DIR, GENERATED_SUFFIXES, ROOT, generate
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.generate import API_DIR, GENERATED_SUFFIXES, ROOT, generate
 
 
 def generated_files(directory) -> dict[str, bytes]:
@@ -19,20 +19,20 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path):
     generate(tmp_path)
     fresh, committed = generated_files(tmp_path), generated_files(API_DIR)
     assert "ulm/v1/text_generation_pb2_grpc.py" in fresh
-    assert fresh.keys() == committed.keys(), "stale stubs: run `python -m clients.gen_stubs`"
+    assert fresh.keys() == committed.keys(), "stale stubs: run `python -m protos.generate`"
     for name in fresh:
-        assert fresh[name] == committed[name], f"{name} is stale: run `python -m clients.gen_stubs`"
+        assert fresh[name] == committed[name], f"{name} is stale: run `python -m protos.generate`"
 
 
 def test_stubs_import_without_touching_the_ulm_package():
-    code = ("import sys; import clients.api.ulm.v1.text_generation_pb2_grpc; "
+    code = ("import sys; import protos.ulm.v1.text_generation_pb2_grpc; "
             "print(sorted(m for m in sys.modules if m == 'ulm' or m.startswith('ulm.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     import ulm  # the library and the stubs live side by side
 
     assert ulm.__file__ == str(ROOT / "ulm" / "__init__.py") and hasattr(ulm, "GPT")
-    assert pb.__name__ == "clients.api.ulm.v1.text_generation_pb2" and pb.DESCRIPTOR.package == "ulm.v1"
+    assert pb.__name__ == "protos.ulm.v1.text_generation_pb2" and pb.DESCRIPTOR.package == "ulm.v1"
 
 
 def fields(message) -> dict[str, tuple[int, bool]]:

@@ -17,8 +17,8 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.__main__ import build_app, build_parser
 from server.detokenize import IncrementalDetokenizer, StopMatcher, TextStream
 from server_fixture import CONTEXT, InProcessServer, SubprocessServer, make_toy_checkpoint

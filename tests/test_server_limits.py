@@ -9,8 +9,8 @@ import time
 import grpc
 import pytest
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.services.generation import serialized_in_parts
 from server_fixture import CONTEXT, InProcessServer, make_toy_checkpoint
 from ulm.checkpoint import load_checkpoint

@@ -241,7 +241,7 @@ def test_lm_dataset_train_and_eval(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the adder learns (a smaller version of the preset; clients/train_adder.py runs the full one)
+# the adder learns (a smaller version of the preset; bench/train_adder.py runs the full one)
 
 
 def test_adder_learns_and_answers(tmp_path, capsys):

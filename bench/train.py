@@ -1,6 +1,6 @@
 """Training throughput: median ms/iteration and tokens/s of the real trainer (`ulm.train.train`).
 
-  python -m clients.bench_train [--preset shakespeare-char] [--dataset DIR] [--iters 100] [--warmup 10]
+  python -m bench.train [--preset shakespeare-char] [--dataset DIR] [--iters 100] [--warmup 10]
                                 [--set KEY=VALUE ...] [--device auto|cpu|cuda] [--naive]
                                 [--out build/bench/train.json]
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from clients.bench_common import BENCH_DIR, machine, write_json
+from bench.common import BENCH_DIR, machine, write_json
 from ulm.model import GPT
 from ulm.train import load_data, lm_loss, read_metrics, train
 from ulm.train_config import build_config
@@ -51,7 +51,7 @@ def naive_ms(cfg, data, iters: int, warmup: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clients.bench_train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="shakespeare-char")
     p.add_argument("--dataset")
     p.add_argument("--iters", type=int, default=100)

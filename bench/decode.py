@@ -1,7 +1,7 @@
 """In-process decoding speed per backend, next to its roofline (the weight bytes one step reads divided by this
 machine's memory read bandwidth, measured here with the same threads), and against transformers' generate().
 
-  python -m clients.bench_decode [--presets toy,gpt2-small] [--checkpoint DIR]
+  python -m bench.decode [--presets toy,gpt2-small] [--checkpoint DIR]
                                  [--backends torch,onnx-fp32,onnx-int8,transformers] [--steps 32] [--batch 16]
                                  [--prompt-len 16] [--repeats 3] [--threads N] [--device cpu|cuda]
                                  [--out build/bench/decode.json] [--cache build/bench]
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from clients.bench_common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine,
+from bench.common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine,
                                   memory_bandwidth, parse_list, random_prompts, set_threads, time_decode,
                                   weight_bytes, weight_products, write_json)
 from ulm.config import GPT_PRESETS, gpt_preset
@@ -275,7 +275,7 @@ def plot(results: list[dict], batch: int, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clients.bench_decode", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.splitlines()[0])
     p.add_argument("--presets", default="toy,gpt2-small", help="comma-separated GPT presets (random init)")
     p.add_argument("--checkpoint", help="benchmark this checkpoint instead of the presets")
     p.add_argument("--backends", default=",".join([*BACKENDS, HF]))

@@ -1,7 +1,7 @@
 """Other calls' latency while a server handles very large requests (a prompt or a text to tokenize near the
 message size limit).
 
-  python -m clients.bench_large_input [--preset small | --checkpoint DIR | --target HOST:PORT] [--mb 3.9]
+  python -m bench.large_input [--preset small | --checkpoint DIR | --target HOST:PORT] [--mb 3.9]
                                       [--seconds 5] [--out build/bench/large_input.json]
 
 A probe calls GetModelInfo back to back (and a greedy stream decodes beside it) for --seconds with nothing
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import grpc
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from clients.bench_common import BENCH_DIR, ensure_checkpoint, machine, pct, write_json
-from clients.bench_serving import Server
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from bench.common import BENCH_DIR, ensure_checkpoint, machine, write_json
+from clients.load import pct
+from bench.serving import Server
 
 P99_SLACK_MS = 5.0
 
@@ -102,7 +103,7 @@ async def phase(target: str, seconds: float, text: str | None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clients.bench_large_input", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.large_input", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--target", help="host:port of a running server")
     src.add_argument("--checkpoint", help="start a server for this µLM checkpoint")

@@ -1,21 +1,26 @@
 """Soak benchmark: a server's resident memory over thousands of streaming Generate calls of varied prompt lengths.
 
-  python -m clients.bench_soak --preset small | --checkpoint DIR [--backend torch|onnx-fp32|onnx-int8]
-      [--streams 64] [--requests 4000] [--connections new|reused|both] [--max-new-tokens 16]
-      [--prompt-chars 4,400] [--sample-every N] [--max-seconds 1800] [--threads N] [--max-batch N] [--seed 0]
-      [--out build/bench/soak.json] [--cache build/bench]
+  python -m bench.soak --preset small | --checkpoint DIR [--backend torch|onnx-fp32|onnx-int8]
+      [--streams 64] [--requests 4000] [--connections new|reused|both] [--max-new-tokens 8,24]
+      [--prompt-chars 4,400] [--sample-every N] [--sample-at idle|busy] [--max-seconds 1800] [--threads N]
+      [--max-batch N] [--seed 0] [--target-growth 5] [--out build/bench/soak.json] [--cache build/bench]
 
-Per connection mode, a fresh `python -m server` (clients.bench_serving.Server) is started and `--streams`
+Per connection mode, a fresh `python -m server` (bench.serving.Server) is started and `--streams`
 clients keep it busy until `--requests` calls have finished (or `--max-seconds` have passed). Prompts are random
-text whose lengths are drawn log-uniformly from `--prompt-chars` (deterministic per request index), as real traffic
-varies: a prefill pass then has a different row count almost every time. Connections: "reused" shares one channel
-among all streams for the whole run; "new" opens a channel for every call and closes it after.
+text whose lengths are drawn log-uniformly from `--prompt-chars`, and each call's max_new_tokens uniformly from
+`--max-new-tokens` (both fixed per request index by --seed), as real traffic varies: calls end at different steps,
+new ones are admitted a few at a time, and a prefill pass has another row count (prompts x padded length) almost
+every time. Connections: "reused" shares one channel among all streams for the whole run; "new" opens a channel
+for every call and closes it after.
 
-Before the measured calls, a warm-up: max_batch streams whose lengths end them one after another, so every decode
-batch size (1..max_batch) has run once. The server's RSS (psutil) is sampled every `--sample-every` finished calls;
-the figures are RSS at the start (after warm-up), at half the calls and at the end, and the growth over the second
-half in % of the RSS at half: the target is under 5% (memory has levelled off). Writes JSON and a PNG plot of RSS
-against finished calls (next to the JSON).
+Before the measured calls, a warm-up: max_batch streams of the longest prompts whose lengths end them one after
+another, so that every decode batch size (1..max_batch) has run once and the KV cache rows (reserved at start,
+mapped by the OS on first touch) are written as far as the measured calls will write them. The server's RSS
+(psutil) is sampled every `--sample-every` finished calls; "idle" (the default) stops issuing calls at each sample
+until those in flight have finished, so that no forward pass's activations are counted. Figures: RSS at the start
+(after warm-up), at half the calls and at the end; growth over the second half (end against half) and of the
+second half's peak over the first half's, in %: "met" when both are under the target (5%: memory has levelled
+off). Writes JSON and a PNG plot of RSS against finished calls (next to the JSON).
 """
 from __future__ import annotations
 
@@ -33,14 +38,16 @@ from pathlib import Path
 import grpc
 import psutil
 
-from clients.api.ulm.v1 import text_generation_pb2 as pb
-from clients.api.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from clients.bench_common import BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, parse_list, write_json
-from clients.bench_serving import Server, one_stream
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from bench.common import BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, parse_list, write_json
+from bench.serving import Server
+from clients.load import one_stream
 
 GROWTH_TARGET = 5.0  # % RSS growth over the second half of the calls
 MODES = ("new", "reused")
 ALPHABET = string.ascii_lowercase + "      "
+IDLE_WAIT = 0.2  # s after the last call of a drain returns, for the server's last pass to end
 
 
 def prompt_text(i: int, lo: int, hi: int, seed: int = 0) -> str:
@@ -113,7 +120,8 @@ class Soak:
             info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60)
             n = max(1, int(info.max_batch))
             if self.hi + 2 > info.context_length:
-                raise ValueError(f"--prompt-chars: {self.hi} characters may not fit the context ({info.context_length})")
+                raise ValueError(f"--prompt-chars: {self.hi} characters may not fit the context "
+                                 f"({info.context_length} tokens)")
             calls = [one_stream(stub, self.request(-1 - j, self.args.new_range[1] + j, self.hi), 600)
                      for j in range(n)]
             results = await asyncio.gather(*calls)
@@ -128,27 +136,48 @@ class Soak:
 
     async def worker(self, mode: str, shared) -> None:
         every, deadline = self.args.sample_every, self.t0 + self.args.max_seconds
-        while self.next < self.args.requests and time.monotonic() < deadline:
+        while True:
+            await self.issuing.wait()  # closed while the calls in flight drain for an idle sample
+            if self.next >= self.args.requests or time.monotonic() >= deadline:
+                break
             i, self.next = self.next, self.next + 1
-            if mode == "reused":
-                await self.call(shared, i)
-            else:
-                async with grpc.aio.insecure_channel(self.target) as channel:
-                    await self.call(pb_grpc.TextGenerationStub(channel), i)
+            self.in_flight += 1
+            try:
+                if mode == "reused":
+                    await self.call(shared, i)
+                else:
+                    async with grpc.aio.insecure_channel(self.target) as channel:
+                        await self.call(pb_grpc.TextGenerationStub(channel), i)
+            finally:
+                self.in_flight -= 1
             self.done += 1
             if self.done % every == 0:
+                if self.args.sample_at == "busy":
+                    self.sample()
+                    self.show()
+                else:
+                    self.issuing.clear()
+            if not self.issuing.is_set() and self.in_flight == 0:  # the last call of a drain: the server is idle
+                await asyncio.sleep(IDLE_WAIT)
                 self.sample()
-                if self.args.progress and self.done % (every * 5) == 0:
-                    s = self.samples[-1]
-                    print(f"    {s['requests']:6d} calls, {s['seconds']:7.1f} s: RSS {s['rss_mib']:7.1f} MiB", flush=True)
+                self.show()
+                self.issuing.set()
+
+    def show(self) -> None:
+        s = self.samples[-1]
+        if self.args.progress and len(self.samples) % 5 == 1:
+            print(f"    {s['requests']:6d} calls, {s['seconds']:7.1f} s: RSS {s['rss_mib']:7.1f} MiB", flush=True)
 
     async def run(self, mode: str) -> None:
         self.t0 = time.monotonic()
+        self.issuing, self.in_flight = asyncio.Event(), 0
+        self.issuing.set()
         self.sample()  # the start: after warm-up, before the measured calls
         async with grpc.aio.insecure_channel(self.target) as channel:
             shared = pb_grpc.TextGenerationStub(channel)
             await asyncio.gather(*(self.worker(mode, shared) for _ in range(self.args.streams)))
         if self.samples[-1]["requests"] != self.done:
+            await asyncio.sleep(IDLE_WAIT)
             self.sample()
 
 
@@ -199,7 +228,7 @@ def plot(runs: list[dict], title: str, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clients.bench_soak", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="serve this µLM checkpoint")
     src.add_argument("--preset", help="serve a random-init checkpoint of this preset")
@@ -211,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per call: N, or min,max (uniform per call, so that calls end at different steps)")
     p.add_argument("--prompt-chars", default="4,400", help="min,max prompt length in characters (log-uniform)")
     p.add_argument("--sample-every", type=int, default=0, help="RSS sample every N calls (default: requests/40)")
+    p.add_argument("--sample-at", default="idle", choices=["idle", "busy"],
+                   help="idle: stop issuing calls at each sample until those in flight have finished, so that the "
+                   "RSS holds no forward pass's activations; busy: sample as the calls go on")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="per mode: stop issuing calls after this")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each call (s)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="server threads")
@@ -267,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.preset or checkpoint.resolve().name
     write_json(out, {"machine": machine(), "model": name, "backend": args.backend, "streams": args.streams,
                      "max_new_tokens": list(args.new_range), "prompt_chars": list(args.prompt_range),
-                     "threads": args.threads, "runs": runs})
+                     "threads": args.threads, "sample_at": args.sample_at, "runs": runs})
     png = plot(runs, f"µLM soak: {name} ({args.backend}), {args.streams} streams, prompts of "
                      f"{args.prompt_range[0]}-{args.prompt_range[1]} chars", out.with_suffix(".png"))
     print(f"wrote {out} and {png}")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from clients.api.ulm.v1 import text_generation_pb2 as ulm_dot_v1_dot_text__generation__pb2
+from protos.ulm.v1 import text_generation_pb2 as ulm_dot_v1_dot_text__generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

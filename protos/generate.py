@@ -1,8 +1,8 @@
-"""Generate the Python gRPC stubs from protos/ into clients/api/: `python -m clients.gen_stubs [--out DIR]`.
+"""Generate the Python gRPC stubs from protos/ into protos/: `python -m protos.generate [--out DIR]`.
 
 protoc names generated modules after the .proto paths, so protos/ulm/v1/x.proto becomes `ulm.v1.x_pb2`,
-which would collide with the `ulm` library. The files are written under clients/api/ and their imports of
-each other are rewritten to `clients.api.ulm...`; the protos keep their canonical names (ulm/v1/x.proto),
+which would collide with the `ulm` library. The files are written under protos/ and their imports of
+each other are rewritten to `protos.ulm...`; the protos keep their canonical names (ulm/v1/x.proto),
 which is what reflection clients and other languages see. The stubs are committed; tests/test_protos.py
 fails when they differ from a fresh generation.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "protos"
-API_DIR = Path(__file__).resolve().parent / "api"
-PACKAGE = "clients.api"
+API_DIR = PROTO_DIR
+PACKAGE = "protos"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 # `from ulm.v1 import x_pb2 as ...` in generated .py and .pyi files
 _IMPORT = re.compile(r"^from (ulm(?:\.\w+)*) import ", re.MULTILINE)
@@ -52,7 +52,7 @@ def generate(out_dir: Path = API_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.gen_stubs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=API_DIR, help=f"output directory (default: {API_DIR})")
     args = parser.parse_args(argv)
     for path in generate(args.out):

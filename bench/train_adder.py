@@ -1,6 +1,6 @@
 """Train the `adder` preset from scratch and report the time and the held-out exact match.
 
-  python -m clients.train_adder [--out DIR] [--set KEY=VALUE ...]
+  python -m bench.train_adder [--out DIR] [--set KEY=VALUE ...]
 
 The same as `ulm train --preset adder --out DIR`, then `ulm eval --checkpoint DIR/best` (greedy answers to
 every test prompt, which the model never trained on), then one served-style prompt: "06+90=" -> "096".
