@@ -365,15 +365,26 @@ class InferenceLinear(nn.Linear):
     - small weights skip oneDNN and the split, whose fixed costs outweigh their speed: oneDNN's ~12 us per call
       always up to PACK_MIN elements (64 x 192: 3 us with MKL, 15 us with oneDNN, at 1 to 64 rows), and both
       for one row up to ONE_ROW_MIN (512 x 512: 15 vs 20 us with oneDNN; the split, in cache, loses at 256 x 256,
-      16 vs 20 us, and wins at 768 x 768, 96 vs 62).
+      16 vs 20 us, and wins at 768 x 768, 96 vs 62);
+    - more than `max_rows` rows (a prefill of several prompts: batch x padded length): MKL on the column-major
+      weight. oneDNN makes a kernel (JIT code) for every row count it meets and keeps it, in its primitive cache
+      and in ideep's, 1024 entries each: ~0.5 MB of resident memory per row count and weight shape, ~2.3 MiB per
+      row count for the "small" preset's five. Prefills of varied prompts meet a new row count almost every pass:
+      a server's memory grew by hundreds of MiB over a few thousand requests, and each pass paid for the JIT. Up
+      to `max_rows` (the server's batch: every decode step's row count) the kernels are made once; above it MKL,
+      without them (the "small" preset's products, 2 cores: from 256 to 4096 rows as fast as oneDNN's with its
+      kernels made, up to ~35% slower from 64 to 128 rows in some layers; prefills of 1 to 32 varied prompts
+      through the server's backend took 5-10% less time than before, which made kernels as they went).
     """
 
     POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
     PACK_MIN, ONE_ROW_MIN = 1 << 14, 1 << 18
+    MAX_ROWS = 32  # the default bound on oneDNN's row counts (the server's default batch)
 
-    def __init__(self, linear: nn.Linear, pack: bool, activation: str | None = None):
+    def __init__(self, linear: nn.Linear, pack: bool, activation: str | None = None, max_rows: int | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = max(1, max_rows or self.MAX_ROWS)  # oneDNN runs at most this many rows (one kernel each)
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: tied weights stay tied
         if self.weight.is_contiguous():  # a tied weight is laid out once, by the first module that holds it
             self.weight.data = self.weight.data.t().contiguous().t()
@@ -387,10 +398,11 @@ class InferenceLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self.act(F.linear(x, self.weight, self.bias))
-        one_row, threads = x.numel() == x.shape[-1], torch.get_num_threads()
+        rows, threads = x.numel() // self.in_features, torch.get_num_threads()
+        one_row = rows == 1
         if one_row and threads > 1 and self.one_row_packed and self.in_features % threads == 0:
             return self.split_product(x, threads)
-        if self.packed is not None and (not one_row or (
+        if self.packed is not None and rows <= self.max_rows and (not one_row or (
                 self.one_row_packed and (self.in_features > self.out_features or threads > 1))):
             # the resolved overload: calling the op packet costs ~8 us of Python dispatch per call
             return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, self.bias, self.post_op, [],
@@ -543,7 +555,7 @@ class GPT(nn.Module):
         return x
 
     @torch.no_grad()
-    def prepare_for_inference(self, pack: bool = True) -> "GPT":
+    def prepare_for_inference(self, pack: bool = True, max_rows: int | None = None) -> "GPT":
         """Lay the Linear weights out for decoding on the CPU. Returns self, in eval mode; outputs are unchanged.
 
         Each (out, in) weight becomes a column-major view of a contiguous (in, out) matrix: values, shapes and
@@ -552,8 +564,10 @@ class GPT(nn.Module):
         whose contiguous row blocks several threads share between them without a copy.
         With `pack`, each Linear also keeps a oneDNN-packed copy of its weight (see InferenceLinear for when it
         is used): speed for a second copy of the weights in memory. The feed-forward activation moves into its
-        first Linear (one fused kernel). Prepare after loading the weights (the packed copies do not follow later
-        changes); leave training models as they are.
+        first Linear (one fused kernel). The packed copies serve products of up to `max_rows` rows (default
+        InferenceLinear.MAX_ROWS; a server: its batch), larger ones MKL: oneDNN keeps a kernel per row count (see
+        InferenceLinear). Prepare after loading the weights (the packed copies do not follow later changes); leave
+        training models as they are.
         """
         if next(self.parameters()).device.type != "cpu":
             return self.eval()
@@ -562,7 +576,7 @@ class GPT(nn.Module):
             for name, m in parent.named_children():
                 if type(m) is nn.Linear and m.weight.dtype == torch.float32:
                     fuse = isinstance(parent, FeedForward) and name == "fc"  # fc runs the activation itself
-                    setattr(parent, name, InferenceLinear(m, pack, parent.activation if fuse else None))
+                    setattr(parent, name, InferenceLinear(m, pack, parent.activation if fuse else None, max_rows))
                     if fuse:
                         parent.act = nn.Identity()
         return self.eval()

@@ -5,6 +5,8 @@ over all of them is one forward pass over the rows slice(0, n), with views into 
 """
 from __future__ import annotations
 
+import ctypes
+import platform
 from pathlib import Path
 
 import torch
@@ -23,8 +25,9 @@ class TorchBackend:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer, meta = load_checkpoint(checkpoint_dir, device=device)
-        # CPU weight layouts for decoding; the packed copies serve batches (more than one row per matmul)
-        self.model.prepare_for_inference(pack=max_batch > 1)
+        # CPU weight layouts for decoding; the packed copies serve batches (more than one row per matmul) of up to
+        # max_batch rows: oneDNN keeps a kernel per row count, so a prefill's (prompts x padded length) goes to MKL
+        self.model.prepare_for_inference(pack=max_batch > 1, max_rows=max_batch)
         self.config = self.model.config
         self.device = device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
@@ -33,6 +36,9 @@ class TorchBackend:
         self.num_params = self.model.num_params()
         self.cache = KVCache.for_model(self.config, max_batch, dtype=next(self.model.parameters()).dtype,
                                        device=device)
+        cfg = self.config  # the largest tensor of a decode step (fp32): its logits or feed-forward activations
+        step_bytes = 4 * max_batch * max(cfg.vocab_size, cfg.d_ff, 3 * cfg.n_embd)
+        self.malloc_threshold = return_large_frees(step_bytes) if device == "cpu" else None
         self.row_of: dict[int, int] = {}  # slot -> cache row
         self.slot_at: list[int] = []  # cache row -> slot, for rows 0..n-1
         self.length: list[int] = []  # cache row -> positions written
@@ -95,3 +101,36 @@ class TorchBackend:
         self.slot_at.pop()
         self.length.pop()
 
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_MIN, MMAP_MAX = 4 << 20, 32 << 20  # glibc refuses an mmap threshold over 32 MiB (64-bit)
+
+
+def return_large_frees(step_bytes: int) -> int | None:
+    """Have glibc map every allocation of at least a threshold on its own and unmap it when freed; returns the
+    threshold (None: not glibc, or the decode step's tensors are too large for one).
+
+    glibc's default threshold moves: after an allocation over it is freed, it rises to that size (up to 32 MiB), and
+    allocations under it are carved from the heaps, whose freed memory stays resident. A prefill pass of many
+    prompts makes activations of tens of MiB, of another size in almost every pass: the server's resident memory
+    swung by ~200 MiB (the "small" preset, 64 streams of varied prompts, sampled while idle) with what the heaps
+    held on to. A fixed threshold above every tensor of a decode step (`step_bytes`: the largest, a batch's logits
+    or feed-forward activations), at least 4 MiB: a decode step allocates as before, and a large prefill's
+    activations go back to the OS when freed (a page fault per 4 kB the next time, small beside the pass's
+    products: prefills of 8 and 32 prompts took as long, within the 2-core VM's run-to-run noise). The trim
+    threshold follows glibc's own rule, twice the mmap threshold. Process-wide: call it where the process serves."""
+    threshold = mmap_threshold(step_bytes)
+    if threshold is None or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None or not mallopt(M_MMAP_THRESHOLD, threshold) or not mallopt(M_TRIM_THRESHOLD, 2 * threshold):
+        return None
+    return threshold
+
+
+def mmap_threshold(step_bytes: int) -> int | None:
+    """The least power of two from 4 MiB that is at least twice `step_bytes`; None over glibc's 32 MiB."""
+    threshold = MMAP_MIN
+    while threshold < 2 * step_bytes:
+        threshold *= 2
+    return threshold if threshold <= MMAP_MAX else None
