@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ulm.generate import SamplingParams, sample_batch
+from ulm.util import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "build" / "bench"
@@ -34,13 +34,6 @@ def parse_list(text: str, kind=str, choices=None, name: str = "list") -> list:
         allowed = ", ".join(map(str, choices or [kind.__name__]))
         raise ValueError(f"--{name}: expected a comma-separated list of {allowed}; got {text!r}")
     return items
-
-
-def set_threads(threads: int | None) -> int:
-    """torch's intra-op threads (the ONNX backend sizes its session from the same number)."""
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 def machine() -> dict:
@@ -123,7 +116,6 @@ def ensure_export(checkpoint: Path, quantize: str | None, cache: Path = BENCH_DI
     from export.pipeline import ExportOptions, export_checkpoint
     from export.runtime import ExportError, read_export
     from ulm.checkpoint import WEIGHTS_FILE
-    from ulm.data.dataset import file_sha256
 
     checkpoint = Path(checkpoint)
     sha = file_sha256(checkpoint / WEIGHTS_FILE)
@@ -275,9 +267,3 @@ def matmul_graph(export_dir: Path) -> bytes:
     graph = helper.make_graph(nodes, "weight_products", inputs, outputs, list(weights.values()))
     products = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     return products.SerializeToString()
-
-
-def write_json(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
-    return path

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine,
-                                  memory_bandwidth, parse_list, random_prompts, set_threads, time_decode,
-                                  weight_bytes, weight_products, write_json)
+from bench.common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine, memory_bandwidth,
+                          parse_list, random_prompts, time_decode, weight_bytes, weight_products)
+from ulm.util import set_threads, write_json
 from ulm.config import GPT_PRESETS, gpt_preset
 
 HF = "transformers"

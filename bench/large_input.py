@@ -23,7 +23,8 @@ import grpc
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from bench.common import BENCH_DIR, ensure_checkpoint, machine, write_json
+from bench.common import BENCH_DIR, ensure_checkpoint, machine
+from ulm.util import write_json
 from clients.load import pct
 from bench.serving import Server
 

@@ -19,22 +19,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import math
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from bench.common import (BACKENDS, BENCH_DIR, ROOT, backend_dir, check_device, ensure_checkpoint, machine,
-                          parse_list, set_threads, time_decode, write_json)
-from clients.load import PROMPT, pct, sweep
+from bench.common import (BACKENDS, BENCH_DIR, ROOT, backend_dir, check_device, ensure_checkpoint, machine, parse_list, time_decode)
+from ulm.util import set_threads, write_json
+from clients.load import PROMPT, sweep
 from ulm.generate import SamplingParams
 
 GRPC_OVERHEAD, SCALING = 0.10, 6.0  # targets: streaming cost over in-process at batch 1; 16 streams vs 1

@@ -40,7 +40,8 @@ import psutil
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from bench.common import BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, parse_list, write_json
+from bench.common import BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, parse_list
+from ulm.util import write_json
 from bench.serving import Server
 from clients.load import one_stream
 

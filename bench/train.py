@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BENCH_DIR, machine, write_json
+from bench.common import BENCH_DIR, machine
+from ulm.util import write_json
 from ulm.model import GPT
 from ulm.train import load_data, lm_loss, read_metrics, train
 from ulm.train_config import build_config

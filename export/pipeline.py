@@ -7,7 +7,6 @@ end, manifest.json last, so a directory with a manifest always holds a complete,
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -27,9 +26,10 @@ from export.runtime import CONFIG_FILE, FORMAT, INT8_WEIGHT_BITS, MANIFEST, REPO
 from export.verify import (ATOL, check_greedy, check_parity, eval_windows, parity_case, perplexity_ort,
                            perplexity_torch)
 from ulm.checkpoint import WEIGHTS_FILE, load_checkpoint
-from ulm.data.dataset import file_sha256, load_manifest, load_split
+from ulm.data.dataset import load_manifest, load_split
 from ulm.model import GPT
-from ulm.tokenizer import TOKENIZER_FILE, TOKENIZER_META, Tokenizer, atomic_write_text
+from ulm.tokenizer import TOKENIZER_FILE, TOKENIZER_META, Tokenizer
+from ulm.util import file_sha256, write_json
 
 QUANTIZE = ("int8",)
 PPL_TOLERANCE = 0.02  # relative perplexity increase int8 vs fp32 accepted without a warning
@@ -226,7 +226,3 @@ def write_export(out: Path, stage: Path, model_path: Path, model: GPT, tokenizer
     }
     write_json(out / MANIFEST, manifest)
     return manifest
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2))

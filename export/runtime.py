@@ -17,8 +17,8 @@ import psutil
 
 from export.onnx_export import DATA_FILE, MODEL_FILE, input_names, past_names, present_names
 from ulm.config import GPTConfig
-from ulm.data.dataset import file_sha256
-from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, check_json_types, is_json_type, read_json_object
+from ulm.tokenizer import TOKENIZER_FILE, Tokenizer
+from ulm.util import check_json_types, file_sha256, is_json_type, read_json_object
 
 FORMAT = "ulm-onnx/2"  # 2: the cache is a fixed-size buffer updated in place (1: concatenated)
 MANIFEST = "manifest.json"

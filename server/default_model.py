@@ -14,13 +14,10 @@ from pathlib import Path
 
 from ulm.checkpoint import CONFIG_FILE
 from ulm.train import train
+from ulm.util import cache_root
 
 log = logging.getLogger(__name__)
 PRESET = "adder"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ULM_CACHE_DIR", Path.home() / ".cache" / "ulm"))
 
 
 def ensure_default_checkpoint() -> Path:

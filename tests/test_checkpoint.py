@@ -152,7 +152,7 @@ def test_tokenizer_round_trips_exactly(make, tmp_path):
             assert t.decode(ids) == text, text
             assert t.encode(text) == tok.encode(text)
             assert max(ids) < t.vocab_size
-        assert {t.bos_id, t.eos_id, t.pad_id} == {t.hf.token_to_id(s) for s in (BOS, EOS, PAD)}
+        assert {t.bos_id, t.eos_id, t.pad_id} == {t.token_to_id(s) for s in (BOS, EOS, PAD)}
         assert t.encode("ab", add_bos=False) == t.encode("ab")[1:]
 
 

@@ -114,7 +114,7 @@ def test_detokenizer_never_splits_characters(tokenizer):
 def byte_ids(tokenizer, data: bytes) -> list[int]:
     if tokenizer.kind == "byte":  # byte b is token b
         return list(data)
-    return [tokenizer.hf.token_to_id(f"<0x{b:02X}>") for b in data]
+    return [tokenizer.token_to_id(f"<0x{b:02X}>") for b in data]
 
 
 def test_stop_strings_across_token_boundaries():

@@ -44,7 +44,7 @@ class AdditionTask:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave some pairs for training")
         tok = self.tokenizer
-        ids = [tok.hf.token_to_id(c) for c in CHARS]
+        ids = [tok.token_to_id(c) for c in CHARS]
         self.digit_ids = torch.tensor(ids[:10])  # digit d -> token id
         self.plus_id, self.eq_id = ids[10], ids[11]
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from ulm.config import GPTConfig
 from ulm.model import GPT, SinusoidalPositionalEncoding, sinusoidal_table
-from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, atomic_write_text, byte_level, check_json_types, read_json_object
+from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, byte_level
+from ulm.util import atomic_write_text, check_json_types, read_json_object
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

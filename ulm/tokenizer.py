@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ulm.util import atomic_write_text, check_json_types, read_json_object
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_META = "tokenizer_meta.json"
@@ -42,6 +44,13 @@ class Tokenizer:
         if i is None:
             raise ValueError(f"tokenizer has no special token {token!r}")
         return i
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def vocabulary(self) -> dict[str, int]:
+        """Every token (added ones too) -> its id: two tokenizers with the same one encode alike."""
+        return self.hf.get_vocab(with_added_tokens=True)
 
     @property
     def vocab_size(self) -> int:
@@ -144,45 +153,6 @@ def _byte_of(char: str) -> int:
         return cp
     others = [b for b in range(256) if b not in printable]
     return others[cp - 256]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict:
-    """The JSON object in `path`; `error` naming the file when it is unreadable, not JSON or not an object."""
-    try:
-        obj = json.loads(path.read_bytes())
-    except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror}") from e
-    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-        raise error(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise error(f"{path} must hold a JSON object, not {type(obj).__name__}")
-    return obj
-
-
-JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-              float: "a number", type(None): "null"}
-
-
-def check_json_types(obj: dict, types: dict[str, type | tuple[type, ...]], path: Path,
-                     error: type[ValueError] = ValueError) -> None:
-    """`error` naming the file and the field when a field of `types` that is present has another JSON type."""
-    for key, want in types.items():
-        if key in obj and not is_json_type(obj[key], want):
-            names = " or ".join(JSON_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
-            raise error(f"{path}: field {key!r} must be {names}, got {JSON_NAMES.get(type(obj[key]), 'other')}")
-
-
-def is_json_type(value, want: type | tuple[type, ...]) -> bool:
-    wants = want if isinstance(want, tuple) else (want,)
-    if isinstance(value, bool):  # a bool is an int to isinstance, not to JSON
-        return bool in wants
-    return isinstance(value, wants) or (float in wants and isinstance(value, int))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True,

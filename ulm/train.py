@@ -37,7 +37,8 @@ from ulm.addition import IGNORE, AdditionTask, exact_match
 from ulm.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from ulm.model import GPT
 from ulm.progress import progress_bar
-from ulm.tokenizer import Tokenizer, atomic_write_text
+from ulm.tokenizer import Tokenizer
+from ulm.util import atomic_write_text, replace_dir, set_threads
 from ulm.train_config import TrainConfig, build_config
 
 LAST, BEST = "last", "best"
@@ -193,15 +194,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return stack
 
 
-def set_threads(cfg: TrainConfig) -> int:
-    """Intra-op threads: the configured number, or the usable cores shared among this node's processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    n = cfg.threads or max(1, cores // local_procs)
-    torch.set_num_threads(n)
-    return n
-
-
 # ----------------------------------------------------------------------------------------------------------
 # optimisation
 
@@ -299,18 +291,7 @@ def save_last(out: Path, model: GPT, tokenizer: Tokenizer, extra: dict, optimize
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
     state = {"format": STATE_FORMAT, **state, "param_groups": sd["param_groups"]}
     atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=1))
-    replace_dir(tmp, out / LAST)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Swap a finished directory in: dst -> dst.old, src -> dst, drop dst.old. A complete copy exists at
-    every moment (find_last falls back to dst.old after a crash between the renames)."""
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out / LAST, out / f"{LAST}.old")
 
 
 def find_last(out: Path) -> Path | None:
@@ -392,7 +373,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    threads = set_threads(cfg)
+    threads = set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     T = data.block_size
     B = cfg.batch_size
     global_batch = B * cfg.grad_accum * d.world
@@ -506,7 +487,7 @@ def _train(cfg: TrainConfig, out: Path, data, model_cfg, d: Dist, last: Path | N
                     tmp = out / f".{BEST}.tmp-{os.getpid()}"
                     shutil.rmtree(tmp, ignore_errors=True)
                     save_checkpoint(tmp, model, data.tokenizer, {**extra, **best})
-                    replace_dir(tmp, out / BEST)
+                    replace_dir(tmp, out / BEST, out / f"{BEST}.old")
                 streak = streak + 1 if 0 < cfg.stop_accuracy <= result.get("val_accuracy", 0.0) else 0
                 stop = streak >= cfg.stop_patience
                 if stop:
@@ -618,7 +599,7 @@ def evaluate(checkpoint: str | os.PathLike, dataset: str | os.PathLike | None = 
     if not dataset:
         raise ValueError("dataset: this checkpoint records none; pass --dataset DIR")
     data = TokenData(dataset, model.config.block_size)
-    if data.tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
+    if data.tokenizer.vocabulary() != tokenizer.vocabulary():
         raise ValueError(f"dataset {dataset} was tokenized with a different vocabulary than the checkpoint's")
     split = split or "val"
     windows = (len(data.split(split)) - 1) // data.block_size

@@ -21,10 +21,11 @@ import numpy as np
 import psutil
 
 from ulm.data.clean import CleaningConfig, clean_documents, format_report
-from ulm.data.dataset import FORMAT, MANIFEST, SPLITS, file_sha256, token_dtype
+from ulm.data.dataset import FORMAT, MANIFEST, SPLITS, token_dtype
 from ulm.data.sources import Document, Source, resolve_source
 from ulm.progress import progress_bar
 from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, byte_level, char_level, train_bpe
+from ulm.util import file_sha256, replace_dir
 
 TOKENIZER_KINDS = ("char", "bpe", "byte")
 DEFAULT_BPE_VOCAB = 4096
@@ -81,7 +82,6 @@ def build_dataset(sources: Sequence[str | os.PathLike | Source], out_dir: str | 
 
     tok = make_tokenizer(tokenizer, splits["train"], vocab_size, progress)
     tok.add_bos = False  # the token files have no BOS; models trained on them should not get one either
-    tok.hf.encode_special_tokens = True  # "<|eos|>" written in a document is text, not the EOS token
     dtype = token_dtype(tok.vocab_size)
     params = dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, test_fraction=test_fraction,
                   jsonl_field=jsonl_field, text_unit=text_unit, shuffle_seed=shuffle_seed, **cleaning.to_dict())
@@ -108,7 +108,7 @@ def build_dataset(sources: Sequence[str | os.PathLike | Source], out_dir: str | 
         }
         text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")  # last: its presence marks a finished build
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, staging_dir(out, "old", os.getpid()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -152,18 +152,6 @@ def remove_stale_staging(out: Path) -> None:
                 os.replace(path, out)
             else:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished build `src` to `dst`, replacing an empty folder or older dataset there."""
-    if dst.exists():
-        old = staging_dir(dst, "old", os.getpid())
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
 
 
 def assign_splits(docs: list[Document], val_fraction: float, test_fraction: float,

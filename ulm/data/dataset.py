@@ -8,7 +8,6 @@ Layout of a dataset directory (format "ulm-dataset/1"):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ulm.tokenizer import Tokenizer
+from ulm.util import file_sha256
 
 FORMAT = "ulm-dataset/1"
 MANIFEST = "manifest.json"
@@ -25,14 +25,6 @@ SPLITS = ("train", "val", "test")
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id of a vocabulary."""
     return np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_manifest(directory: str | os.PathLike) -> dict:

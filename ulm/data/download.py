@@ -6,7 +6,6 @@ to its final name, so a file in the cache under its real name is always complete
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import urllib.error
@@ -14,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from ulm.progress import progress_bar
+from ulm.util import file_sha256
 
 CHUNK = 1 << 16
 USER_AGENT = "ulm-data/1 (+https://github.com)"
@@ -23,21 +23,9 @@ class ChecksumError(ValueError):
     """A downloaded or local file does not have the published checksum."""
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ULM_CACHE_DIR") or Path.home() / ".cache" / "ulm")
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_digest(path: Path, sha256: str | None, what: str) -> str:
     """SHA-256 of `path`; ChecksumError when it is not `sha256` (None: anything goes)."""
-    got = file_digest(path)
+    got = file_sha256(path)
     if sha256 is not None and got != sha256.lower():
         raise ChecksumError(f"{what}: SHA-256 mismatch: expected {sha256}, got {got}")
     return got

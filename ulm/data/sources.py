@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ulm.data.download import check_digest, default_cache_dir, download, file_digest
+from ulm.data.download import check_digest, download
+from ulm.util import cache_root, file_sha256
 
 TEXT_UNITS = ("file", "paragraph", "line")
 
@@ -100,7 +101,7 @@ class Source:
             d["jsonl_field"] = self.jsonl_field
         if self.kind in ("text", "folder") or (self.corpus and not self.corpus.members):
             d["text_unit"] = self.text_unit
-        d["files"] = [{"name": n, "bytes": p.stat().st_size, "sha256": file_digest(p)} for p, n in self.files]
+        d["files"] = [{"name": n, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p, n in self.files]
         d["documents"] = self.num_documents
         return d
 
@@ -150,7 +151,7 @@ def resolve_source(spec: str | os.PathLike, jsonl_field: str = "text", text_unit
         return _local_corpus(NAMED_CORPORA[corpus_name], Path(local), text_unit)
     if not sep and corpus_name in NAMED_CORPORA and not Path(spec).exists():
         corpus = NAMED_CORPORA[corpus_name]
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache = Path(cache_dir) if cache_dir is not None else cache_root()
         path = download(list(corpus.urls), cache / corpus.filename, corpus.sha256, progress=progress)
         return Source("corpus", corpus.name, [(path, corpus.filename)], corpus=corpus, verified=True,
                       text_unit=text_unit)
