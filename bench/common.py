@@ -156,7 +156,7 @@ def weight_bytes(label: str, directory: Path, cfg) -> int:
     read[id(model.lm_head.weight)] = model.lm_head.weight
     n = sum(p.numel() * p.element_size() for p in read.values())
     if BACKENDS[label][1] == "int8":
-        from export.onnx_export import MODEL_FILE
+        from export.runtime import MODEL_FILE
         from export.quantize import matmul_weight_bytes
 
         linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
@@ -240,7 +240,7 @@ def matmul_graph(export_dir: Path) -> bytes:
     import onnx
     from onnx import TensorProto, helper
 
-    from export.onnx_export import MODEL_FILE
+    from export.runtime import MODEL_FILE
 
     model = onnx.load(str(Path(export_dir) / MODEL_FILE))
     inits = {t.name: t for t in model.graph.initializer}

@@ -29,24 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.export import Dim
 
+from export.runtime import MODEL_FILE, input_names, present_names
 from ulm.model import GPT, Block
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"  # external weights: one convention for every model size
 DEFAULT_OPSET = 24
 MIN_OPSET = 24  # TensorScatter (24); Gelu as one node (20), which ORT fuses with its bias
-
-
-def input_names(n_layer: int) -> list[str]:
-    return ["input_ids", "past_lengths", "logits_index", *past_names(n_layer)]
-
-
-def past_names(n_layer: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-
-
-def present_names(n_layer: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
 class OnnxGPT(nn.Module):

@@ -19,10 +19,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import (DATA_FILE, DEFAULT_OPSET, MODEL_FILE, check_opset, export_onnx, input_names,
-                                present_names)
+from export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx
 from export.quantize import matmul_weight_bytes, model_bytes, quantize_int8
-from export.runtime import CONFIG_FILE, FORMAT, INT8_WEIGHT_BITS, MANIFEST, REPORT_FILE, create_session, file_entries
+from export.runtime import (CONFIG_FILE, DATA_FILE, FORMAT, INT8_WEIGHT_BITS, MANIFEST, MODEL_FILE, REPORT_FILE,
+                            create_session, file_entries, input_names, present_names)
 from export.verify import (ATOL, check_greedy, check_parity, eval_windows, parity_case, perplexity_ort,
                            perplexity_torch)
 from ulm.checkpoint import WEIGHTS_FILE, load_checkpoint

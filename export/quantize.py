@@ -19,7 +19,8 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from export.onnx_export import DATA_FILE, MODEL_FILE, quiet
+from export.onnx_export import quiet
+from export.runtime import DATA_FILE, MODEL_FILE
 from export.runtime import INT8_WEIGHT_BITS
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")

@@ -1,4 +1,4 @@
-"""Export directories and ONNX Runtime sessions, shared by `python -m export` and the ONNX backend.
+"""The export format and ONNX Runtime sessions: the one module of export/ that the server's ONNX backend reads.
 
 An export directory holds model.onnx + model.onnx.data (the graph and its weights), config.json (the model
 config, as in a µLM checkpoint), the tokenizer files, verify_report.json and manifest.json (written last:
@@ -15,11 +15,12 @@ import onnx
 import onnxruntime as ort
 import psutil
 
-from export.onnx_export import DATA_FILE, MODEL_FILE, input_names, past_names, present_names
 from ulm.config import GPTConfig
 from ulm.tokenizer import TOKENIZER_FILE, Tokenizer
 from ulm.util import check_json_types, file_sha256, is_json_type, read_json_object
 
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # external weights: one convention for every model size
 FORMAT = "ulm-onnx/2"  # 2: the cache is a fixed-size buffer updated in place (1: concatenated)
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
@@ -30,6 +31,18 @@ REQUIRED_FILES = (MODEL_FILE, DATA_FILE, CONFIG_FILE, TOKENIZER_FILE)
 MANIFEST_TYPES = {"name": str, "dtype": str, "quantization": dict, "files": dict, "num_params": int,
                   "inputs": list, "outputs": list}
 INT8_WEIGHT_BITS = 7  # int8 exports' weights use [-64, 64]: full-range ones overflow non-VNNI CPUs' products
+
+
+def input_names(n_layer: int) -> list[str]:
+    return ["input_ids", "past_lengths", "logits_index", *past_names(n_layer)]
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
 class ExportError(ValueError):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from export.__main__ import main
-from export.onnx_export import export_onnx, input_names, present_names
+from export.onnx_export import export_onnx
+from export.runtime import input_names, present_names
 from export.pipeline import ExportOptions, export_checkpoint
 from export.runtime import ExportError, check_files, create_session, empty_cache, read_export, run
 from export.verify import check_greedy, check_parity, ort_greedy

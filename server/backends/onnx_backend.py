@@ -24,8 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import MODEL_FILE, past_names, present_names
-from export.runtime import CUDA, ExportError, create_session, read_export
+from export.runtime import CUDA, MODEL_FILE, ExportError, create_session, past_names, present_names, read_export
 
 log = logging.getLogger(__name__)
 
