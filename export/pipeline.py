@@ -58,12 +58,7 @@ class VerificationError(RuntimeError):
 def export_checkpoint(opts: ExportOptions) -> dict:
     """Run every step; returns the manifest written to opts.out/manifest.json."""
     say = opts.log
-    if opts.quantize not in (None, *QUANTIZE):
-        raise ValueError(f"quantize must be one of {QUANTIZE}, got {opts.quantize!r}")
-    check_opset(opts.opset)
-    src, out = Path(opts.checkpoint), Path(opts.out)
-    if out.resolve() == src.resolve():
-        raise ValueError("--out must differ from --checkpoint (the export writes its own config.json)")
+    src, out = check_options(opts)
     steps = 5 if opts.quantize else 4
     t0 = time.perf_counter()
 
@@ -104,11 +99,7 @@ def export_checkpoint(opts: ExportOptions) -> dict:
         final = fp32_path
         if opts.quantize == "int8":
             step(4, "quantizing MatMul weights to int8 (dynamic quantization)")
-            (stage / "int8").mkdir()
-            final = quantize_int8(fp32_path, stage / "int8", opts.per_channel)
-            fp32_ppl = report["float32"].get("perplexity", {}).get("onnx")
-            report["int8"] = verify_int8(model, tokenizer, fp32_path, final, fp32_ppl, eval_tokens, opts, say)
-            write_json(stage / REPORT_FILE, report)
+            final = quantize_and_verify(model, tokenizer, fp32_path, stage, report, eval_tokens, opts)
 
         step(steps, f"writing {out}")
         manifest = write_export(out, stage, final, model, tokenizer, meta, report, opts)
@@ -116,6 +107,28 @@ def export_checkpoint(opts: ExportOptions) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
     say(f"done in {time.perf_counter() - t0:.1f}s: {out} ({manifest['dtype']})")
     return manifest
+
+
+def check_options(opts: ExportOptions) -> tuple[Path, Path]:
+    """(checkpoint, out) once the options are known to be valid."""
+    if opts.quantize not in (None, *QUANTIZE):
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {opts.quantize!r}")
+    check_opset(opts.opset)
+    src, out = Path(opts.checkpoint), Path(opts.out)
+    if out.resolve() == src.resolve():
+        raise ValueError("--out must differ from --checkpoint (the export writes its own config.json)")
+    return src, out
+
+
+def quantize_and_verify(model, tokenizer, fp32_path: Path, stage: Path, report: dict, eval_tokens,
+                        opts: ExportOptions) -> Path:
+    """The int8 graph in stage/int8, its verification added to `report` (and written)."""
+    (stage / "int8").mkdir()
+    final = quantize_int8(fp32_path, stage / "int8", opts.per_channel)
+    fp32_ppl = report["float32"].get("perplexity", {}).get("onnx")
+    report["int8"] = verify_int8(model, tokenizer, fp32_path, final, fp32_ppl, eval_tokens, opts, opts.log)
+    write_json(stage / REPORT_FILE, report)
+    return final
 
 
 def check_out_dir(out: Path) -> None:

@@ -52,15 +52,7 @@ def build_dataset(sources: Sequence[str | os.PathLike | Source], out_dir: str | 
     """
     t0 = time.perf_counter()
     log = log or (lambda _: None)
-    if tokenizer not in TOKENIZER_KINDS:
-        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, got {tokenizer!r}")
-    if vocab_size is not None and tokenizer != "bpe":
-        raise ValueError(f"vocab_size applies to the bpe tokenizer only ({tokenizer} sets its own)")
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be >= 0 "
-                         f"and sum to less than 1")
-    if not sources:
-        raise ValueError("no sources given")
+    check_build_args(sources, tokenizer, vocab_size, val_fraction, test_fraction)
     cleaning = CleaningConfig(normalization, whitespace, dedup, min_chars)
     cleaning.validate()
     out = Path(out_dir)
@@ -82,43 +74,54 @@ def build_dataset(sources: Sequence[str | os.PathLike | Source], out_dir: str | 
 
     tok = make_tokenizer(tokenizer, splits["train"], vocab_size, progress)
     tok.add_bos = False  # the token files have no BOS; models trained on them should not get one either
-    dtype = token_dtype(tok.vocab_size)
     params = dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, test_fraction=test_fraction,
                   jsonl_field=jsonl_field, text_unit=text_unit, shuffle_seed=shuffle_seed, **cleaning.to_dict())
+    manifest = {"format": FORMAT, "sources": [s.describe() for s in resolved], "cleaning": report, "params": params}
+    text = write_dataset(out, splits, tok, manifest, progress)
 
-    tmp = staging_dir(out, "tmp", os.getpid())
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tok.save(tmp)
-        split_info = {}
-        for name in SPLITS:
-            if splits[name]:
-                split_info[name] = write_split(tmp / f"{name}.bin", splits[name], tok, dtype, progress)
-        manifest = {
-            "format": FORMAT,
-            "sources": [s.describe() for s in resolved],
-            "tokenizer": {"kind": tokenizer, "vocab_size": tok.vocab_size, "file": TOKENIZER_FILE,
-                          "sha256": file_sha256(tmp / TOKENIZER_FILE), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                          "pad_id": tok.pad_id},
-            "documents": {"bos": False, "separator": "eos", "description": SEPARATOR_DOC},
-            "cleaning": report,
-            "params": params,
-            "splits": split_info,
-        }
-        text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        (tmp / MANIFEST).write_text(text, encoding="utf-8")  # last: its presence marks a finished build
-        replace_dir(tmp, out, staging_dir(out, "old", os.getpid()))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    log(f"tokenizer: {tokenizer}, vocab {tok.vocab_size}, token dtype {dtype.name}")
-    for name, info in split_info.items():
+    log(f"tokenizer: {tokenizer}, vocab {tok.vocab_size}, token dtype {token_dtype(tok.vocab_size).name}")
+    for name, info in manifest["splits"].items():
         log(f"  {name}: {info['num_tokens']:,} tokens, {info['num_documents']:,} documents, "
             f"{info['num_chars']:,} chars -> {info['file']}")
     log(f"dataset id: {hashlib.sha256(text.encode('utf-8')).hexdigest()}")
     log(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def check_build_args(sources: Sequence, tokenizer: str, vocab_size: int | None, val_fraction: float,
+                     test_fraction: float) -> None:
+    if tokenizer not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, got {tokenizer!r}")
+    if vocab_size is not None and tokenizer != "bpe":
+        raise ValueError(f"vocab_size applies to the bpe tokenizer only ({tokenizer} sets its own)")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be >= 0 "
+                         f"and sum to less than 1")
+    if not sources:
+        raise ValueError("no sources given")
+
+
+def write_dataset(out: Path, splits: dict[str, list[str]], tok: Tokenizer, manifest: dict, progress: bool) -> str:
+    """Write the tokenizer, the split token files and, last, the manifest (completed here) in a staging folder,
+    then swap it in at `out`; returns the manifest's text."""
+    tmp = staging_dir(out, "tmp", os.getpid())
+    dtype = token_dtype(tok.vocab_size)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tok.save(tmp)
+        manifest["splits"] = {name: write_split(tmp / f"{name}.bin", splits[name], tok, dtype, progress)
+                              for name in SPLITS if splits[name]}
+        manifest["tokenizer"] = {"kind": manifest["params"]["tokenizer"], "vocab_size": tok.vocab_size,
+                                 "file": TOKENIZER_FILE, "sha256": file_sha256(tmp / TOKENIZER_FILE),
+                                 "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+        manifest["documents"] = {"bos": False, "separator": "eos", "description": SEPARATOR_DOC}
+        text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        (tmp / MANIFEST).write_text(text, encoding="utf-8")  # last: its presence marks a finished build
+        replace_dir(tmp, out, staging_dir(out, "old", os.getpid()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return text
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
