@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from ulm.data import build_dataset, load_split, load_tokenizer
-from ulm.data.build import text_pieces
-from ulm.tokenizer import Tokenizer, byte_level, char_level, train_bpe
+from ulm.tokenizer import LONG_TEXT, Tokenizer, byte_level, char_level, text_pieces, train_bpe
 
 TRAIN = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
          + "Ünïcödé façade, naïve résumé.\n" * 5)
@@ -94,6 +93,15 @@ def test_pieces_encode_like_the_whole_text(bpe):
     blob = "日本語" * 1000
     pieces = list(text_pieces(blob, max_chars=500))
     assert [len(p) for p in pieces] == [500] * 4 + [1000] and "".join(pieces) == blob
+
+
+def test_long_texts_encode_in_pieces_exactly_as_a_whole(bpe):
+    """Texts over LONG_TEXT are encoded in pieces (short GIL holds); a run without any safe cut stays whole."""
+    words = "".join(f"word{i % 23} and  more\n" for i in range(9000))
+    text = words + "x" * 150_000 + words  # a spaceless run longer than two pieces
+    assert len(text) > LONG_TEXT and len(list(text_pieces(text, exact=True))) > 2
+    for tok in tokenizers(bpe).values():
+        assert tok.encode(text, add_bos=True) == [tok.bos_id] + tok.hf.encode(text, add_special_tokens=False).ids
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "byte"])

@@ -7,7 +7,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -20,6 +21,8 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_META = "tokenizer_meta.json"
 META_TYPES = {"kind": str, "bos": str, "eos": str, "pad": (str, type(None)), "add_bos": bool}
 LONG_TEXT = 4096  # characters
+PIECE_CHARS = 1 << 16  # long texts are encoded in pieces of about this size
+_SAFE_CUT = re.compile(r"(?<=\w)(?= \w)|(?<=\w\n)(?=\w)")
 
 
 class Tokenizer:
@@ -82,11 +85,14 @@ class Tokenizer:
         return [entries[i] for i in ids]
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
         if len(text) <= LONG_TEXT:
-            ids = self.hf.encode(text, add_special_tokens=False).ids
-        else:  # the batch call lets other threads run meanwhile (encode holds the GIL: seconds for megabytes)
-            ids = self.hf.encode_batch_fast([text], add_special_tokens=False)[0].ids
-        return [self.bos_id] + ids if (self.add_bos if add_bos is None else add_bos) else ids
+            return ids + self.hf.encode(text, add_special_tokens=False).ids
+        # the batch call lets other threads run meanwhile (encode holds the GIL: seconds for megabytes), and pieces
+        # keep each hold short while their ids become Python lists
+        for e in self.hf.encode_batch_fast(list(text_pieces(text, exact=True)), add_special_tokens=False):
+            ids.extend(e.ids)
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
@@ -119,6 +125,27 @@ class Tokenizer:
                        add_bos=meta.get("add_bos", True), kind=meta.get("kind", "custom"))
         except ValueError as e:  # a special token its vocabulary lacks
             raise ValueError(f"{path}: {e}" + (f" (named in {meta_path.name})" if meta else "")) from e
+
+
+def text_pieces(text: str, max_chars: int = PIECE_CHARS, exact: bool = False) -> Iterator[str]:
+    """`text` in pieces of about max_chars, cut where GPT-2 style pre-tokenization has a boundary anyway.
+
+    A cut goes before a space between two word characters ("a| b") or after a newline between them ("a\n|b"):
+    there the regex splits the same way with or without the rest of the text, so encoding the pieces gives the
+    ids of the whole (char and byte tokenizers never merge across characters at all). Where no such place is
+    within max_chars of the target (long runs without spaces), the cut is at the target itself, or with `exact`
+    at the next such place however far.
+    """
+    start = 0
+    while len(text) - start > 2 * max_chars:
+        target = start + max_chars
+        m = _SAFE_CUT.search(text, target, len(text) if exact else target + max_chars)
+        if m is None and exact:
+            break
+        cut = m.start() if m else target
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def byte_level() -> Tokenizer:

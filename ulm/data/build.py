@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,14 +23,12 @@ from ulm.data.clean import CleaningConfig, clean_documents, format_report
 from ulm.data.dataset import FORMAT, MANIFEST, SPLITS, token_dtype
 from ulm.data.sources import Document, Source, resolve_source
 from ulm.progress import progress_bar
-from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, byte_level, char_level, train_bpe
+from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, byte_level, char_level, text_pieces, train_bpe
 from ulm.util import file_sha256, replace_dir
 
 TOKENIZER_KINDS = ("char", "bpe", "byte")
 DEFAULT_BPE_VOCAB = 4096
-PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this size (faster, bounded memory)
 BATCH_CHARS = 1 << 21  # characters per encode_batch call
-_SAFE_CUT = re.compile(r"(?<=\w)(?= \w)|(?<=\w\n)(?=\w)")
 SEPARATOR_DOC = "documents are encoded without BOS and joined with one EOS token between consecutive documents"
 
 
@@ -206,24 +203,6 @@ def cut_text(text: str, positions: list[int]) -> list[str]:
             last = p
     pieces.append(text[last:])
     return pieces
-
-
-def text_pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in pieces of about max_chars, cut where GPT-2 style pre-tokenization has a boundary anyway.
-
-    A cut goes before a space between two word characters ("a| b") or after a newline between them ("a\n|b"):
-    there the regex splits the same way with or without the rest of the text, so encoding the pieces gives the
-    ids of the whole (char and byte tokenizers never merge across characters at all). Text with no such place
-    within max_chars of the target (long runs without spaces) is cut at the target itself.
-    """
-    start = 0
-    while len(text) - start > 2 * max_chars:
-        target = start + max_chars
-        m = _SAFE_CUT.search(text, target, target + max_chars)
-        cut = m.start() if m else target
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
 
 
 def make_tokenizer(kind: str, train_texts: list[str], vocab_size: int | None, progress: bool) -> Tokenizer:
