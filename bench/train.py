@@ -22,10 +22,13 @@ from pathlib import Path
 import torch
 
 from bench.common import BENCH_DIR, machine
-from ulm.util import write_json
 from ulm.model import GPT
-from ulm.train import load_data, lm_loss, read_metrics, train
+from ulm.train import train
 from ulm.train_config import build_config
+from ulm.training.loss import lm_loss
+from ulm.training.metrics import read_metrics
+from ulm.training.tasks import load_data
+from ulm.util import write_json
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

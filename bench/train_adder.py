@@ -15,8 +15,9 @@ from pathlib import Path
 
 from ulm.addition import AdditionTask
 from ulm.checkpoint import load_checkpoint
+from ulm.evaluate import evaluate
 from ulm.generate import generate_text
-from ulm.train import evaluate, train
+from ulm.train import train
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from ulm.addition import IGNORE, SPLITS, AdditionTask, exact_match, greedy_batch
 from ulm.config import GPTConfig
 from ulm.generate import generate_ids
 from ulm.model import GPT
-from ulm.train import lm_loss
+from ulm.training.loss import lm_loss
 
 
 @pytest.mark.parametrize("reverse", [False, True])

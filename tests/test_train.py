@@ -18,13 +18,19 @@ import torch.nn.functional as F
 from ulm.addition import AdditionTask, exact_match
 from ulm.checkpoint import load_checkpoint
 from ulm.cli import main
+from ulm.config import GPT_PRESETS, gpt_preset
 from ulm.data.build import build_dataset
 from ulm.data.dataset import load_split
+from ulm.evaluate import evaluate
 from ulm.generate import generate_ids, generate_text
 from ulm.model import GPT
 from ulm.progress import progress_bar
-from ulm.train import STATE_JSON, evaluate, lr_at, make_optimizer, read_metrics, train
-from ulm.train_config import TrainConfig, build_config, parse_override, preset_names
+from ulm.train import train
+from ulm.train_config import TrainConfig, build_config, parse_override, read_recipe, recipe_names
+from ulm.train_config import recipe_names as preset_names
+from ulm.training.metrics import read_metrics
+from ulm.training.optim import lr_at, make_optimizer
+from ulm.training.state import STATE_JSON
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +92,22 @@ def test_presets_and_overrides(tmp_path):
     assert parse_override("lr = 1") == ("lr", 1)
     with pytest.raises(ValueError, match="block_size"):  # the model must hold the task's sequences
         build_config("adder", overrides=["block_size=8"]).model_config(271, 10)
+
+
+# what each training recipe changes in the model shape it names; every other model field is the shape's
+RECIPE_MODEL_CHANGES = {"adder": {}, "shakespeare-char": {"activation": "gelu"},
+                        "wikitext-bpe": {"block_size": 256, "dropout": 0.1}}
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_recipes_take_their_model_shape_from_gpt_presets(name):
+    """A recipe's model is the GPT_PRESETS shape it names with only the recipe's own changes, and the recipe
+    restates none of the shape's fields (but block_size, the context it trains at, which it may state)."""
+    cfg = build_config(name)
+    shape = GPT_PRESETS[cfg.model]
+    assert cfg.model_config(shape["vocab_size"]) == gpt_preset(cfg.model, **RECIPE_MODEL_CHANGES[name])
+    recipe = read_recipe(name)
+    assert not {k for k in recipe if k in shape and k != "block_size" and recipe[k] == shape[k]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import torch
 def add_init(sub) -> None:
     from ulm.config import GPT_PRESETS
 
-    p = sub.add_parser("init", help="write a randomly initialised checkpoint of a preset")
-    p.add_argument("--preset", required=True, choices=sorted(GPT_PRESETS))
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint of a model shape")
+    p.add_argument("--preset", required=True, choices=sorted(GPT_PRESETS), help="a model shape (GPT_PRESETS)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="directory with a tokenizer.json (default: byte-level)")
@@ -138,13 +138,13 @@ def run_data_info(args) -> None:
 
 
 def add_train(sub) -> None:
-    from ulm.train_config import preset_names
+    from ulm.train_config import recipe_names
 
-    p = sub.add_parser("train", help="train a GPT from a preset or TOML config (under torchrun: data parallel)",
+    p = sub.add_parser("train", help="train a GPT from a recipe or TOML config (under torchrun: data parallel)",
                        description="Config layers, later wins: --preset, --config FILE, --set KEY=VALUE, flags.")
     p.add_argument("--out", required=True, help="run directory: best/ and last/ checkpoints, metrics, plot")
-    p.add_argument("--preset", choices=preset_names())
-    p.add_argument("--config", help="TOML file of config keys (over the preset)")
+    p.add_argument("--preset", choices=recipe_names(), help="a training recipe (ulm/presets/NAME.toml)")
+    p.add_argument("--config", help="TOML file of config keys (over the recipe)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set lr=3e-4 n_layer=2")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last (start if none)")
@@ -159,8 +159,9 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> None:
-    from ulm.train import saved_config, train
+    from ulm.train import train
     from ulm.train_config import build_config
+    from ulm.training.state import saved_config
 
     base = saved_config(args.out) if args.resume else None
     if not (args.preset or args.config or base):
@@ -188,7 +189,7 @@ def add_eval(sub) -> None:
 def run_eval(args) -> None:
     import json
 
-    from ulm.train import evaluate
+    from ulm.evaluate import evaluate
 
     r = evaluate(args.checkpoint, args.dataset, args.split, args.batch_size, args.device, progress=not args.json)
     if args.json:

@@ -1,4 +1,5 @@
-"""Model configurations (dataclasses) and named presets, from a ~100k-parameter toy to ~1 GB of fp32."""
+"""Model configurations (dataclasses), their one type check, and the named model shapes (GPT_PRESETS), from a
+~100k-parameter toy to ~1 GB of fp32."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        check_types(self)
+        check_fields(self)
         validate_common(self.n_embd, self.n_head, self.activation, self.pos_encoding)
         for name in ("vocab_size", "block_size", "n_layer"):
             if getattr(self, name) <= 0:
@@ -44,7 +45,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         return cls(**filter_fields(cls, d))
 
 
@@ -69,14 +70,14 @@ class Seq2SeqConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        check_types(self)
+        check_fields(self)
         validate_common(self.n_embd, self.n_head, self.activation, self.pos_encoding)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Seq2SeqConfig":
+    def from_dict(cls, d: dict) -> Seq2SeqConfig:
         return cls(**filter_fields(cls, d))
 
 
@@ -92,15 +93,31 @@ def validate_common(n_embd: int, n_head: int, activation: str, pos_encoding: str
 FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
 
 
-def check_types(cfg) -> None:
-    """Configs come from JSON too: name the field whose value has the wrong type. Numbers become plain
-    int/float (numpy scalars would not survive json.dumps)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if not isinstance(value, FIELD_TYPES[f.type]) or (f.type != "bool" and isinstance(value, bool)):
-            raise ValueError(f"{f.name} must be {f.type}, got {value!r}")
-        if f.type in ("int", "float"):
-            setattr(cfg, f.name, int(value) if f.type == "int" else float(value))
+def field_types(*classes) -> dict[str, str]:
+    """Field name -> type name ("int", "float", ...) of dataclasses (their annotations are strings here)."""
+    return {f.name: f.type for cls in classes for f in dataclasses.fields(cls)}
+
+
+def check_types(values: dict, types: dict[str, str], source: str = "") -> dict:
+    """`values` with every number a plain int or float (numpy scalars would not survive json.dumps); ValueError
+    naming `source` and the key when a key is not in `types` or its value is not of the type named there."""
+    prefix = f"{source}: " if source else ""
+    out = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ValueError(f"{prefix}unknown key {key!r} (known: {', '.join(sorted(types))})")
+        want = types[key]
+        if not isinstance(value, FIELD_TYPES[want]) or (want != "bool" and isinstance(value, bool)):
+            raise ValueError(f"{prefix}{key} must be {want}, got {value!r}")
+        out[key] = int(value) if want == "int" else float(value) if want == "float" else value
+    return out
+
+
+def check_fields(cfg) -> None:
+    """check_types on a config dataclass, in place: configs come from JSON too."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for name, value in check_types(values, field_types(type(cfg))).items():
+        setattr(cfg, name, value)
 
 
 def filter_fields(cls, d: dict) -> dict:
@@ -113,7 +130,8 @@ def filter_fields(cls, d: dict) -> dict:
     return dict(d)
 
 
-# Named GPT presets. vocab_size is the tokenizer's; presets that name none take the byte-level one (259).
+# Model shapes, the one place model sizes are stated (`ulm init --preset NAME`; a recipe's `model = NAME`).
+# vocab_size is the tokenizer's; shapes that name none take the byte-level one (259).
 BYTE_VOCAB = 259  # 256 bytes + BOS/EOS/PAD
 GPT_PRESETS: dict[str, dict] = {
     # n-digit addition (ulm.addition): the char tokenizer of "0123456789+=" (271); context for up to 9 digits
@@ -130,7 +148,7 @@ GPT_PRESETS: dict[str, dict] = {
 
 
 def gpt_preset(name: str, **overrides) -> GPTConfig:
+    """The model shape `name` with `overrides` (GPTConfig fields) applied."""
     if name not in GPT_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(GPT_PRESETS)}")
     return GPTConfig(**{**GPT_PRESETS[name], **overrides})
-

@@ -1,18 +1,19 @@
-"""Training configuration: a flat dataclass, read from TOML presets and files, with `key=value` overrides.
+"""Training configuration: a flat dataclass, read from training recipes and TOML files, with `key=value` overrides.
 
-Layering, later wins: a preset (ulm/presets/NAME.toml), a --config file, then --set overrides and flags.
-Keys are TrainConfig fields, or GPTConfig fields (n_layer, dropout, ...) that override the model preset.
+Layering, later wins: a recipe (ulm/presets/NAME.toml, `ulm train --preset NAME`), a --config file, then --set
+overrides and flags. Keys are TrainConfig fields, or GPTConfig fields (n_layer, dropout, ...) that override the
+model shape the config names (`model`, a key of ulm.config.GPT_PRESETS). A recipe names a shape and states only
+its training hyper-parameters (the context length it trains at among them) and the model fields it changes.
 """
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ulm.config import GPT_PRESETS, GPTConfig, gpt_preset
+from ulm.config import GPT_PRESETS, GPTConfig, check_types, field_types, gpt_preset
 
 TASKS = ("lm", "addition")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
@@ -29,7 +30,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # addition: share of operand pairs held out for validation
     test_fraction: float = 0.1  # addition: and for the final test
     split_seed: int = 0  # addition: which pairs fall in which split
-    # model: a GPT preset; GPTConfig fields given as keys override it (vocab_size comes from the tokenizer)
+    # model: a model shape (GPT_PRESETS); GPTConfig fields given as keys override it (vocab_size: the tokenizer's)
     model: str = "tiny"
     model_args: dict = field(default_factory=dict)
     # optimisation
@@ -97,7 +98,7 @@ class TrainConfig:
         return self.checkpoint_interval or self.eval_interval
 
     def model_config(self, vocab_size: int, min_block_size: int = 0) -> GPTConfig:
-        """The model preset with this config's overrides and the tokenizer's vocabulary."""
+        """The model shape with this config's overrides and the tokenizer's vocabulary."""
         args = {**self.model_args, "vocab_size": vocab_size}
         cfg = gpt_preset(self.model, **args)
         if cfg.block_size < min_block_size:
@@ -111,8 +112,8 @@ class TrainConfig:
         return {**d, **self.model_args}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
-        return cls(**split_keys(check_types(d, source)))
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
+        return cls(**split_keys(check_types(d, KEY_TYPES, source)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,27 +121,7 @@ class TrainConfig:
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_args"}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
-
-
-def field_types() -> dict[str, type]:
-    hints = {**typing.get_type_hints(GPTConfig), **typing.get_type_hints(TrainConfig)}
-    return {k: hints[k] for k in TRAIN_FIELDS | MODEL_FIELDS}
-
-
-def check_types(d: dict, source: str) -> dict:
-    """Check every key is known and every value has its field's type (ints pass as floats)."""
-    types = field_types()
-    out = {}
-    for key, value in d.items():
-        if key not in types:
-            raise ValueError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(types))})")
-        want = types[key]
-        ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))) or (
-            want is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"{source}: {key} must be {want.__name__}, got {value!r}")
-        out[key] = float(value) if want is float else value
-    return out
+KEY_TYPES = {k: t for k, t in field_types(GPTConfig, TrainConfig).items() if k in TRAIN_FIELDS | MODEL_FIELDS}
 
 
 def split_keys(d: dict) -> dict:
@@ -159,23 +140,23 @@ def parse_override(item: str) -> tuple[str, object]:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
-    if isinstance(value, (int, float)) and field_types().get(key) is str:
+    if isinstance(value, (int, float)) and KEY_TYPES.get(key) == "str":
         value = text.strip()  # e.g. dataset=2024
     return key, value
 
 
 # ----------------------------------------------------------------------------------------------------------
-# presets and files
+# training recipes (ulm/presets/NAME.toml) and files
 
 
-def preset_names() -> list[str]:
+def recipe_names() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in resources.files("ulm.presets").iterdir()
                   if p.name.endswith(".toml"))
 
 
-def read_preset(name: str) -> dict:
-    if name not in preset_names():
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
+def read_recipe(name: str) -> dict:
+    if name not in recipe_names():
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(recipe_names())}")
     text = resources.files("ulm.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
 
@@ -190,20 +171,20 @@ def read_toml(path: str | Path) -> dict:
         raise ValueError(f"config file {p}: {e}") from e
 
 
-def build_config(preset: str | None = None, config_file: str | Path | None = None,
+def build_config(recipe: str | None = None, config_file: str | Path | None = None,
                  overrides: list[str] | tuple[str, ...] = (), values: dict | None = None,
                  base: dict | None = None) -> TrainConfig:
-    """Layer base (a saved run's config), the preset, the file, `key=value` overrides, then typed `values`
+    """Layer base (a saved run's config), the recipe, the file, `key=value` overrides, then typed `values`
     (command-line flags); keys and types are checked at each layer."""
     d: dict = {}
     if base is not None:
-        d.update(check_types(base, "saved config"))
-    if preset:
-        d.update(check_types(read_preset(preset), f"preset {preset}"))
+        d.update(check_types(base, KEY_TYPES, "saved config"))
+    if recipe:
+        d.update(check_types(read_recipe(recipe), KEY_TYPES, f"preset {recipe}"))
     if config_file:
-        d.update(check_types(read_toml(config_file), str(config_file)))
+        d.update(check_types(read_toml(config_file), KEY_TYPES, str(config_file)))
     for item in overrides:
         key, value = parse_override(item)
-        d.update(check_types({key: value}, f"--set {item}"))
-    d.update(check_types(values or {}, "option"))
+        d.update(check_types({key: value}, KEY_TYPES, f"--set {item}"))
+    d.update(check_types(values or {}, KEY_TYPES, "option"))
     return TrainConfig.from_dict(d)
