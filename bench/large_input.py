@@ -21,12 +21,12 @@ from pathlib import Path
 
 import grpc
 
+from bench.common import BENCH_DIR, ensure_checkpoint, machine
+from bench.serving import Server
+from clients.load import pct
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from bench.common import BENCH_DIR, ensure_checkpoint, machine
 from ulm.util import write_json
-from clients.load import pct
-from bench.serving import Server
 
 P99_SLACK_MS = 5.0
 

@@ -29,10 +29,20 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import (BACKENDS, BENCH_DIR, ROOT, backend_dir, check_device, ensure_checkpoint, machine, parse_list, time_decode)
-from ulm.util import set_threads, write_json
+from bench.common import (
+    BACKENDS,
+    BENCH_DIR,
+    ROOT,
+    backend_dir,
+    check_device,
+    ensure_checkpoint,
+    machine,
+    parse_list,
+    time_decode,
+)
 from clients.load import PROMPT, sweep
 from ulm.generate import SamplingParams
+from ulm.util import set_threads, write_json
 
 GRPC_OVERHEAD, SCALING = 0.10, 6.0  # targets: streaming cost over in-process at batch 1; 16 streams vs 1
 

@@ -38,12 +38,12 @@ from pathlib import Path
 import grpc
 import psutil
 
-from protos.ulm.v1 import text_generation_pb2 as pb
-from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from bench.common import BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, parse_list
-from ulm.util import write_json
 from bench.serving import Server
 from clients.load import one_stream
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
+from ulm.util import write_json
 
 GROWTH_TARGET = 5.0  # % RSS growth over the second half of the calls
 MODES = ("new", "reused")

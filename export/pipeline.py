@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -21,10 +21,20 @@ import torch
 
 from export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx
 from export.quantize import matmul_weight_bytes, model_bytes, quantize_int8
-from export.runtime import (CONFIG_FILE, DATA_FILE, FORMAT, INT8_WEIGHT_BITS, MANIFEST, MODEL_FILE, REPORT_FILE,
-                            create_session, file_entries, input_names, present_names)
-from export.verify import (ATOL, check_greedy, check_parity, eval_windows, parity_case, perplexity_ort,
-                           perplexity_torch)
+from export.runtime import (
+    CONFIG_FILE,
+    DATA_FILE,
+    FORMAT,
+    INT8_WEIGHT_BITS,
+    MANIFEST,
+    MODEL_FILE,
+    REPORT_FILE,
+    create_session,
+    file_entries,
+    input_names,
+    present_names,
+)
+from export.verify import ATOL, check_greedy, check_parity, eval_windows, parity_case, perplexity_ort, perplexity_torch
 from ulm.checkpoint import WEIGHTS_FILE, load_checkpoint
 from ulm.data.dataset import load_manifest, load_split
 from ulm.model import GPT
@@ -137,7 +147,8 @@ def check_out_dir(out: Path) -> None:
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    stray = sorted(p.name for p in out.iterdir() if p.name not in (*FILES, MANIFEST) and not p.name.startswith(".staging-"))
+    ours = (*FILES, MANIFEST)
+    stray = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".staging-"))
     if stray:
         raise ValueError(f"--out {out} holds files that are not part of an export ({', '.join(stray[:5])}); "
                          "choose a new or an export directory")

@@ -20,8 +20,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from export.onnx_export import quiet
-from export.runtime import DATA_FILE, MODEL_FILE
-from export.runtime import INT8_WEIGHT_BITS
+from export.runtime import DATA_FILE, INT8_WEIGHT_BITS, MODEL_FILE
 
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 

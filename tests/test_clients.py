@@ -9,10 +9,10 @@ import sys
 
 import grpc
 import pytest
+from server_fixture import CONTEXT, ROOT, InProcessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from server_fixture import CONTEXT, ROOT, InProcessServer, make_toy_checkpoint
 from ulm.tokenizer import Tokenizer
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from ulm.cli import main
-from ulm.data import build_dataset, dataset_id, load_manifest, load_split, load_tokenizer, verify_dataset
 from ulm.data import build as build_module
+from ulm.data import build_dataset, dataset_id, load_manifest, load_split, load_tokenizer, verify_dataset
 from ulm.data.build import assign_splits
 from ulm.data.clean import CleaningConfig, clean_documents
 from ulm.data.dataset import token_dtype

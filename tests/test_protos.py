@@ -6,8 +6,8 @@ import sys
 
 from google.protobuf.descriptor import FieldDescriptor as F
 
-from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.generate import API_DIR, GENERATED_SUFFIXES, ROOT, generate
+from protos.ulm.v1 import text_generation_pb2 as pb
 
 
 def generated_files(directory) -> dict[str, bytes]:

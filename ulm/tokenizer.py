@@ -108,7 +108,7 @@ class Tokenizer:
         atomic_write_text(d / TOKENIZER_META, json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
         d = Path(directory)
         path = d / TOKENIZER_FILE
         if not path.is_file():

@@ -35,8 +35,8 @@ def download(urls: str | list[str], dest: str | os.PathLike, sha256: str | None,
              progress: bool = True) -> Path:
     """Make `dest` hold the verified file from the first of `urls` that answers; return `dest`.
 
-    A `dest` that already exists is re-verified, not fetched again (unless it no longer matches). Connection errors leave `<dest>.part` for
-    the next call to resume; a checksum mismatch deletes it and raises ChecksumError.
+    A `dest` that already exists is re-verified, not fetched again (unless it no longer matches). Connection errors
+    leave `<dest>.part` for the next call to resume; a checksum mismatch deletes it and raises ChecksumError.
     """
     dest = Path(dest)
     urls = [urls] if isinstance(urls, str) else list(urls)
