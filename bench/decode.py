@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 print("transformers is not installed: skipping the generate() comparison", file=sys.stderr)
                 backends.remove(HF)
-        set_threads(args.threads)
+        if args.threads:  # else torch's own default
+            set_threads(args.threads)
         runs = [(args.checkpoint, Path(args.checkpoint))] if args.checkpoint else \
             [(p, ensure_checkpoint(p, Path(args.cache))) for p in presets]
         results = []

@@ -43,7 +43,7 @@ def service(tmp_path_factory):
     """The generation service with its real backend, without the scheduler: only its parser runs."""
     checkpoint = make_toy_checkpoint(tmp_path_factory.mktemp("toy"))
     s = GenerationService(build_parser().parse_args(["--checkpoint", str(checkpoint)]), Metrics())
-    s.backend = load_backend("torch", checkpoint, "cpu", 4)
+    s.engine.backend = load_backend("torch", checkpoint, "cpu", 4)
     yield s
     s.tokenizing.shutdown()
 

@@ -1,6 +1,7 @@
 """The scheduler driven directly (no gRPC) over a toy model with a short context, through a backend that checks
-the Backend contract: sequences leaving a running batch at every kind of end while the next decode step is
-already queued, failed passes, and the next step queued behind the running one."""
+the Backend contract, each stream's text made by the generation service's TextOutput (its stop strings end the
+sequence): sequences leaving a running batch at every kind of end while the next decode step is already queued,
+failed passes, and the next step queued behind the running one."""
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,11 @@ import torch
 
 from server.backends.torch_backend import TorchBackend
 from server.detokenize import TextStream
+from server.generate_request import TextRequest
 from server.metrics import Metrics
-from server.scheduler import GenerationRequest, Scheduler, Sequence
+from server.scheduler import Scheduler
+from server.sequence import Sequence
+from server.text_output import TextOutput
 from ulm.checkpoint import load_checkpoint, save_checkpoint
 from ulm.config import gpt_preset
 from ulm.generate import SamplingParams, generate_ids
@@ -127,11 +131,20 @@ class CountingExecutor(ThreadPoolExecutor):
         return super().submit(*args, **kwargs)
 
 
-def request(tokenizer, prompt: str, max_new_tokens: int, stop=(), **params) -> GenerationRequest:
-    return GenerationRequest(tokenizer.encode(prompt), max_new_tokens, SamplingParams(**params), list(stop))
+def request(tokenizer, prompt: str, max_new_tokens: int, stop=(), **params) -> TextRequest:
+    return TextRequest(tokenizer.encode(prompt), max_new_tokens, SamplingParams(**params), list(stop))
 
 
-def expected(reference, req: GenerationRequest, eos_id: int) -> tuple[list[int], str, str]:
+class Stream:
+    """A request submitted as the generation service submits it: token ids to the scheduler, TextOutput listening."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer, req: TextRequest):
+        self.output = TextOutput(tokenizer, req.stop, scheduler.cancel)
+        self.seq: Sequence = scheduler.submit(req.tokens(tokenizer.eos_id), self.output.on_output)
+        self.out, self.tokens = self.output.chunks, self.seq.tokens
+
+
+def expected(reference, req: TextRequest, eos_id: int) -> tuple[list[int], str, str]:
     """(tokens, text, finish reason) from in-process generation: no batching, no step ahead."""
     model, tokenizer = reference
     ids = generate_ids(model, req.prompt_ids, req.max_new_tokens, req.params, eos_id)
@@ -145,7 +158,7 @@ def expected(reference, req: GenerationRequest, eos_id: int) -> tuple[list[int],
     return ids, text + piece, "stop" if stopped else "eos" if ids[-1] == eos_id else "length"
 
 
-async def read(seq: Sequence, cancel_after: int = 0, scheduler: Scheduler | None = None):
+async def read(seq: Stream, cancel_after: int = 0, scheduler: Scheduler | None = None):
     """(tokens, text, finish reason) of one stream; cancel_after: cancel it once it has that many tokens."""
     ids, text = [], ""
     while True:
@@ -155,7 +168,7 @@ async def read(seq: Sequence, cancel_after: int = 0, scheduler: Scheduler | None
         if chunk.finish_reason is not None:
             return ids, text, chunk.finish_reason
         if cancel_after and len(ids) >= cancel_after:
-            scheduler.cancel(seq)
+            scheduler.cancel(seq.seq)
 
 
 EOS_PARAMS = dict(temperature=1.0, seed=5)
@@ -189,7 +202,7 @@ def test_sequences_leaving_a_running_batch_keep_every_stream_exact(checkpoint, r
     async def main():
         s = Scheduler(backend, 8, Metrics())
         s.start()
-        seqs = [s.submit(r) for r in reqs]
+        seqs = [Stream(s, tok, r) for r in reqs]
         out = await asyncio.gather(*(read(q, cancel_after=3 if i == 7 else 0, scheduler=s)
                                      for i, q in enumerate(seqs)))
         await s.close()
@@ -223,7 +236,7 @@ def test_next_decode_step_is_queued_while_the_loop_handles_the_last(checkpoint, 
     async def main():
         s = Scheduler(backend, 8, Metrics(), executor)
         s.start()
-        seq = s.submit(req)
+        seq = Stream(s, backend.tokenizer, req)
         reader = asyncio.create_task(read(seq))
         assert await asyncio.to_thread(backend.entered.wait, 10)
         for _ in range(500):
@@ -256,9 +269,9 @@ def test_a_failed_pass_fails_its_requests_and_the_scheduler_goes_on(checkpoint, 
     async def main():
         s = Scheduler(backend, 8, Metrics())
         s.start()
-        failed = await asyncio.gather(*(read(s.submit(r)) for r in first))
+        failed = await asyncio.gather(*(read(Stream(s, tok, r)) for r in first))
         calls = len(backend.decodes)
-        done = await asyncio.gather(*(read(s.submit(r)) for r in later))
+        done = await asyncio.gather(*(read(Stream(s, tok, r)) for r in later))
         await s.close()
         return failed, calls, done
 

@@ -1,11 +1,13 @@
-"""ulm.v1.TextGeneration: streaming generation over the continuous-batching scheduler."""
+"""ulm.v1.TextGeneration: streaming generation over the engine (backend, model thread, scheduler).
+
+A Generate call: parse and tokenize the request (server.generate_request), submit its token ids to the engine
+with a TextOutput as the sequence's listener (detokenization, stop strings), then stream the chunks it makes.
+Errors are ServiceErrors, which the server's interceptor turns into status codes.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
-import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,18 +15,18 @@ import grpc
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from server.backends import BACKENDS, load_backend
-from server.backends.base import Backend, warmup
-from server.errors import InvalidArgument, NotFound, Unavailable, call_end_code
+from server.backends import BACKENDS
+from server.backends.base import Backend
+from server.engine import Engine, EngineSettings
+from server.errors import NotFound, ResourceExhausted, Unavailable, call_end_code
+from server.generate_request import ON_LOOP_CHARS, Limits, TextRequest, parse_generate
 from server.metrics import Metrics
-from server.scheduler import Chunk, GenerationRequest, Scheduler
+from server.scheduler import NotAccepting, QueueFull, Scheduler
+from server.sequence import Sequence
 from server.services import ServiceSpec, register
-from ulm.generate import SamplingParams
+from server.text_output import Chunk, TextOutput
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
-MAX_STOP = 16  # stop strings per request
-MAX_STOP_CHARS = 256
-ON_LOOP_CHARS = 4096  # longer texts are tokenized in a thread: on the event loop they would stall every call
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,73 +45,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model threads (torch's, and ONNX Runtime's intra-op); 0 = one per core")
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    for flag in ("max_batch", "default_max_new_tokens", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.default_max_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--default-max-new-tokens ({args.default_max_new_tokens}) exceeds --max-new-tokens "
+                         f"({args.max_new_tokens})")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not args.checkpoint:
+        raise ValueError("no --checkpoint given")
+
+
 class GenerationService(pb_grpc.TextGenerationServicer):
     name = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 
     def __init__(self, args: argparse.Namespace, metrics: Metrics):
-        for flag in ("max_batch", "default_max_new_tokens", "max_new_tokens"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        if args.default_max_new_tokens > args.max_new_tokens:
-            raise ValueError(f"--default-max-new-tokens ({args.default_max_new_tokens}) exceeds --max-new-tokens "
-                             f"({args.max_new_tokens})")
-        if args.max_queue < 0:
-            raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-        if not args.checkpoint:
-            raise ValueError("no --checkpoint given")
+        check_flags(args)
         self.args = args
-        self.metrics = metrics
-        self.backend: Backend | None = None
-        self.scheduler: Scheduler | None = None
+        self.limits = Limits(args.max_new_tokens, args.default_max_new_tokens)
+        self.engine = Engine(EngineSettings(args.backend, args.checkpoint, args.device, args.max_batch,
+                                            args.max_queue, args.threads), metrics)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="ulm-tokenize")  # large texts, one at a time
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.engine.backend
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return self.engine.scheduler
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_TextGenerationServicer_to_server(self, server)
 
     async def start(self) -> None:
-        import torch
-
-        # one thread runs every forward pass: loading, warm-up and the scheduler's steps
-        executor = ThreadPoolExecutor(1, thread_name_prefix="ulm-model")
-        loop = asyncio.get_running_loop()
-        a = self.args
-        # every core: the event loop's work fits in the gaps, as it overlaps the next decode step (measured on 2
-        # cores: half the inter-token latency and 1.3-1.6x the tokens/s at 16 streams of leaving it a core)
-        threads = a.threads or len(os.sched_getaffinity(0))
-        await loop.run_in_executor(executor, torch.set_num_threads, threads)  # OpenMP's setting is per thread
-        load = functools.partial(load_backend, a.backend, a.checkpoint, a.device, a.max_batch, serving=True)
-        backend = await loop.run_in_executor(executor, load)
-        if backend.torch_threads:  # for sampling, once the backend has sized its own threads
-            await loop.run_in_executor(executor, torch.set_num_threads, backend.torch_threads)
-        await loop.run_in_executor(executor, warmup, backend)
-        self.backend = backend
-        self.scheduler = Scheduler(backend, a.max_queue, self.metrics, executor)
-        self.scheduler.start()
+        await self.engine.start()
 
     async def drain(self, timeout: float) -> None:
-        if self.scheduler is not None:
-            await self.scheduler.drain(timeout)
+        await self.engine.drain(timeout)
 
     async def close(self) -> None:
-        if self.scheduler is not None:
-            await self.scheduler.close()
+        await self.engine.close()
         self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # -- RPCs -------------------------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        scheduler = self._ready(request.model)
+        self._ready(request.model)
         req = await self.parse(request)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            req.deadline = time.monotonic() + remaining
-        seq = scheduler.submit(req)
-        context.add_done_callback(lambda ctx: scheduler.cancel(seq, call_end_reason(ctx)))  # free the slot
+        output = TextOutput(self.engine.tokenizer, req.stop, self.engine.cancel)
+        seq = self._submit(req, output, context.time_remaining())
+        context.add_done_callback(lambda ctx: self.engine.cancel(seq, call_end_reason(ctx)))  # free the slot
         try:
             while True:
-                chunk = await seq.out.get()
-                while chunk.finish_reason is None and not seq.out.empty():  # the client fell behind: coalesce
-                    chunk = chunk.merge(seq.out.get_nowait())
+                chunk = await output.next()
                 if chunk.error is not None:
                     raise chunk.error
                 if chunk.finish_reason == "cancelled":  # only seen if the client is gone already
@@ -118,11 +109,11 @@ class GenerationService(pb_grpc.TextGenerationServicer):
                 if chunk.finish_reason is not None:
                     return
         finally:
-            scheduler.cancel(seq, call_end_reason(context))
+            self.engine.cancel(seq, call_end_reason(context))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         self._ready(request.model)
-        tok = self.backend.tokenizer
+        tok = self.engine.tokenizer
         if len(request.text) <= ON_LOOP_CHARS:
             return pb.TokenizeResponse(token_ids=(ids := tok.encode(request.text)), tokens=tok.token_strings(ids))
 
@@ -133,52 +124,33 @@ class GenerationService(pb_grpc.TextGenerationServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         self._ready(request.model)
-        b = self.backend
+        b = self.engine.backend
         return pb.ModelInfo(name=b.model_name, vocab_size=b.config.vocab_size, context_length=b.config.block_size,
                             parameter_count=b.num_params, backend=b.name, device=b.device, dtype=b.dtype,
                             max_batch=b.max_batch, eos_token_id=b.tokenizer.eos_id, bos_token_id=b.tokenizer.bos_id)
 
     # -- helpers ----------------------------------------------------------------------------------------
 
-    def _ready(self, model: str) -> Scheduler:
-        if self.scheduler is None:
+    def _ready(self, model: str) -> None:
+        if not self.engine.ready:
             raise Unavailable("the model is still loading")
-        if model and model != self.backend.model_name:
-            raise NotFound(f"model {model!r} is not served here; this server serves {self.backend.model_name!r}")
-        return self.scheduler
+        served = self.engine.backend.model_name
+        if model and model != served:
+            raise NotFound(f"model {model!r} is not served here; this server serves {served!r}")
 
-    async def parse(self, r: pb.GenerateRequest) -> GenerationRequest:
+    async def parse(self, r: pb.GenerateRequest) -> TextRequest:
         """Validate a request; errors name the field. A prompt that cannot fit is refused before it is tokenized."""
-        for name in ("temperature", "top_p"):
-            if not math.isfinite(getattr(r, name)):
-                raise InvalidArgument(f"{name} must be a finite number, got {getattr(r, name)}")
-        params = SamplingParams(r.temperature, r.top_k, r.top_p, r.seed if r.HasField("seed") else None)
+        return await parse_generate(r, self.engine.tokenizer, self.engine.backend.config.block_size, self.limits,
+                                    self.tokenizing)
+
+    def _submit(self, req: TextRequest, output: TextOutput, remaining: float | None) -> Sequence:
+        deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            params.validate()
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from e
-        if len(r.stop) > MAX_STOP:
-            raise InvalidArgument(f"stop has {len(r.stop)} strings; at most {MAX_STOP} are allowed")
-        for i, s in enumerate(r.stop):
-            if not s or len(s) > MAX_STOP_CHARS:
-                raise InvalidArgument(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
-        tok, context = self.backend.tokenizer, self.backend.config.block_size
-        if len(r.prompt) > context * tok.max_token_chars:
-            raise InvalidArgument(f"prompt ({len(r.prompt)} characters) cannot fit the context length {context} "
-                                  f"(a token holds at most {tok.max_token_chars} characters)")
-        if len(r.prompt) <= ON_LOOP_CHARS:
-            ids = tok.encode(r.prompt)
-        else:
-            ids = await asyncio.get_running_loop().run_in_executor(self.tokenizing, tok.encode, r.prompt)
-        if not ids:
-            raise InvalidArgument("prompt must not be empty")
-        if len(ids) > context:
-            raise InvalidArgument(f"prompt ({len(ids)} tokens) exceeds the context length {context}")
-        if r.max_new_tokens > self.args.max_new_tokens:
-            raise InvalidArgument(f"max_new_tokens ({r.max_new_tokens}) exceeds this server's limit "
-                                  f"({self.args.max_new_tokens}, --max-new-tokens)")
-        max_new = r.max_new_tokens or self.args.default_max_new_tokens  # past the context, the window slides
-        return GenerationRequest(ids, max_new, params, list(r.stop))
+            return self.engine.submit(req.tokens(self.engine.tokenizer.eos_id, deadline), output.on_output)
+        except NotAccepting as e:
+            raise Unavailable("server is shutting down") from e
+        except QueueFull as e:
+            raise ResourceExhausted(f"queue is full: {e} (--max-queue {self.args.max_queue})") from e
 
 
 def call_end_reason(context: grpc.aio.ServicerContext) -> str:
