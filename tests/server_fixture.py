@@ -35,7 +35,8 @@ def wait_serving(target: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
@@ -53,7 +54,7 @@ class InProcessServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
 
-    def __enter__(self) -> "InProcessServer":
+    def __enter__(self) -> InProcessServer:
         self.thread.start()
         self.run(self.app.start(), timeout=60)
         return self

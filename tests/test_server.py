@@ -16,12 +16,12 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from server_fixture import CONTEXT, InProcessServer, SubprocessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.__main__ import build_app, build_parser
 from server.detokenize import IncrementalDetokenizer, StopMatcher, TextStream
-from server_fixture import CONTEXT, InProcessServer, SubprocessServer, make_toy_checkpoint
 from ulm.checkpoint import load_checkpoint
 from ulm.generate import SamplingParams, generate_ids
 from ulm.tokenizer import byte_level, char_level

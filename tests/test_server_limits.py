@@ -8,11 +8,11 @@ import time
 
 import grpc
 import pytest
+from server_fixture import CONTEXT, InProcessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.services.generation import serialized_in_parts
-from server_fixture import CONTEXT, InProcessServer, make_toy_checkpoint
 from ulm.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -122,7 +122,8 @@ def test_every_expired_call_is_counted_as_a_deadline(server, stub):
     """The client's deadline fires first: its cancellation reached the server just before the server's own
     deadline, and 1-3 calls in 100 were counted CANCELLED."""
     calls = 100
-    codes = {c: server.metric("ulm_requests_total", method=GENERATE, code=c) for c in ("DEADLINE_EXCEEDED", "CANCELLED")}
+    codes = {c: server.metric("ulm_requests_total", method=GENERATE, code=c)
+             for c in ("DEADLINE_EXCEEDED", "CANCELLED")}
     finished = server.metric("ulm_finished_requests_total", reason="deadline")
     seen = []
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-
 from ulm.config import GPTConfig
+from ulm.generate import Stepper, decode_loop
 from ulm.tokenizer import Tokenizer
 
 
-class Backend(Protocol):
+class Backend(Stepper, Protocol):
+    """A ulm.generate.Stepper (prefill, decode, release over slots) that also describes its model."""
+
     name: str  # "torch" | "onnx"
     device: str  # "cpu" | "cuda"
     dtype: str  # e.g. "float32", "int8"
@@ -28,25 +29,8 @@ class Backend(Protocol):
     # parallel op (sampling's softmax or top-k over a batch's logits), on the cores the backend's own threads need.
     torch_threads: int | None
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run each prompt into its (free) slot from position 0. Returns last-position logits (n, V)."""
-        ...
-
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One step: tokens[i] at positions[i] for slots[i], each extending that slot's cache. Logits (n, V)."""
-        ...
-
-    def release(self, slot: int) -> None:
-        """Forget the slot's sequence; the slot may be prefilled again."""
-        ...
-
-
 
 def warmup(backend: Backend) -> None:
     """Run a small prefill and decode (two rows of different lengths, so the padded path too) so the first
     real request pays no one-off costs."""
-    slots = list(range(min(2, backend.max_batch)))
-    backend.prefill(slots, [[0] * (i + 1) for i in slots])
-    backend.decode(slots, [0] * len(slots), [i + 1 for i in slots])
-    for s in slots:
-        backend.release(s)
+    decode_loop(backend, [[0] * (i + 1) for i in range(min(2, backend.max_batch))], 2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ulm.checkpoint import load_checkpoint
-from ulm.model import KVCache
+from ulm.kv_cache import KVCache
 
 
 class TorchBackend:
@@ -112,13 +112,12 @@ def return_large_frees(step_bytes: int) -> int | None:
 
     glibc's default threshold moves: after an allocation over it is freed, it rises to that size (up to 32 MiB), and
     allocations under it are carved from the heaps, whose freed memory stays resident. A prefill pass of many
-    prompts makes activations of tens of MiB, of another size in almost every pass: the server's resident memory
-    swung by ~200 MiB (the "small" preset, 64 streams of varied prompts, sampled while idle) with what the heaps
-    held on to. A fixed threshold above every tensor of a decode step (`step_bytes`: the largest, a batch's logits
-    or feed-forward activations), at least 4 MiB: a decode step allocates as before, and a large prefill's
-    activations go back to the OS when freed (a page fault per 4 kB the next time, small beside the pass's
-    products: prefills of 8 and 32 prompts took as long, within the 2-core VM's run-to-run noise). The trim
-    threshold follows glibc's own rule, twice the mmap threshold. Process-wide: call it where the process serves."""
+    prompts makes activations of tens of MiB, of another size in almost every pass, so the server's resident memory
+    swung with what the heaps held on to (docs/performance-log.md, "Server memory"). A fixed threshold above every
+    tensor of a decode step (`step_bytes`: the largest, a batch's logits or feed-forward activations), at least
+    4 MiB: a decode step allocates as before, and a large prefill's activations go back to the OS when freed (a page
+    fault per 4 kB the next time, small beside the pass's products). The trim threshold follows glibc's own rule,
+    twice the mmap threshold. Process-wide: call it where the process serves."""
     threshold = mmap_threshold(step_bytes)
     if threshold is None or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
