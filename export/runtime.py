@@ -74,13 +74,7 @@ def read_export(directory: str | os.PathLike) -> tuple[dict, GPTConfig, Tokenize
         if manifest.get(key, names) != names:
             raise ExportError(f"{path}: its {key} do not match {d / CONFIG_FILE} ({cfg.n_layer} layers)")
     check_graph(d / MODEL_FILE, cfg)
-    try:
-        tokenizer = Tokenizer.load(d)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{d} has no usable tokenizer: {e}") from e
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ExportError(f"{d / TOKENIZER_FILE}: tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the "
-                          f"model's ({cfg.vocab_size}, {d / CONFIG_FILE})")
+    tokenizer = Tokenizer.load_for_model(d, cfg.vocab_size, d / CONFIG_FILE, ExportError)
     return manifest, cfg, tokenizer
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from ulm.config import GPTConfig
 from ulm.model import GPT, SinusoidalPositionalEncoding, sinusoidal_table
-from ulm.tokenizer import TOKENIZER_FILE, Tokenizer, byte_level
-from ulm.util import atomic_write_text, check_json_types, read_json_object
+from ulm.tokenizer import Tokenizer, byte_level
+from ulm.util import atomic_write_text, check_json_types, file_in, read_json_object
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -51,11 +51,7 @@ def save_checkpoint(directory: str | os.PathLike, model: GPT, tokenizer: Tokeniz
 
 def read_config(directory: str | os.PathLike) -> dict:
     d = Path(directory)
-    path = d / CONFIG_FILE
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory {d} {'is not a directory' if d.exists() else 'does not exist'}")
-    if not path.is_file():
-        raise CheckpointError(f"{d} is not a µLM checkpoint: no {CONFIG_FILE}")
+    path = file_in(d, CONFIG_FILE, "checkpoint", CheckpointError, f"{d} is not a µLM checkpoint: no {CONFIG_FILE}")
     meta = read_json_object(path, CheckpointError)
     if meta.get("format") != FORMAT or meta.get("model_type") != "gpt":
         raise CheckpointError(f"{path} is not a µLM GPT checkpoint (format {meta.get('format')!r})")
@@ -85,13 +81,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     with torch.device("meta"):
         model = GPT(cfg)
     load_state(model, state, str(weights))
-    try:
-        tokenizer = Tokenizer.load(d)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{d} has no usable tokenizer: {e}") from e
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{d / TOKENIZER_FILE}: tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the "
-                              f"model's ({cfg.vocab_size}, {d / CONFIG_FILE})")
+    tokenizer = Tokenizer.load_for_model(d, cfg.vocab_size, d / CONFIG_FILE, CheckpointError)
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer, meta
 

@@ -126,6 +126,20 @@ class Tokenizer:
         except ValueError as e:  # a special token its vocabulary lacks
             raise ValueError(f"{path}: {e}" + (f" (named in {meta_path.name})" if meta else "")) from e
 
+    @classmethod
+    def load_for_model(cls, directory: Path, vocab_size: int, config: Path,
+                       error: type[ValueError] = ValueError) -> Tokenizer:
+        """The tokenizer of a model directory, refused (`error`) when it is unusable or outgrows the model's
+        vocabulary (`config`: the file that states it)."""
+        try:
+            tokenizer = cls.load(directory)
+        except (OSError, ValueError) as e:
+            raise error(f"{directory} has no usable tokenizer: {e}") from e
+        if tokenizer.vocab_size > vocab_size:
+            raise error(f"{directory / TOKENIZER_FILE}: tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the "
+                        f"model's ({vocab_size}, {config})")
+        return tokenizer
+
 
 def text_pieces(text: str, max_chars: int = PIECE_CHARS, exact: bool = False) -> Iterator[str]:
     """`text` in pieces of about max_chars, cut where GPT-2 style pre-tokenization has a boundary anyway.

@@ -56,6 +56,18 @@ def is_json_type(value, want: type | tuple[type, ...]) -> bool:
     return isinstance(value, wants) or (float in wants and isinstance(value, int))
 
 
+def file_in(directory: str | os.PathLike, name: str, what: str, error: type[ValueError] = ValueError,
+            missing: str | None = None) -> Path:
+    """directory/name once both exist; `error` saying which is missing (`missing`: the message for the file)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise error(f"{what} {d}: " + ("not a directory" if d.exists() else "no such directory (it does not exist)"))
+    path = d / name
+    if not path.is_file():
+        raise error(missing or f"{d} is not a {what}: no {name}")
+    return path
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

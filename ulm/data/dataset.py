@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ulm.tokenizer import Tokenizer
-from ulm.util import file_sha256
+from ulm.util import file_in, file_sha256
 
 FORMAT = "ulm-dataset/1"
 MANIFEST = "manifest.json"
@@ -30,11 +30,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def load_manifest(directory: str | os.PathLike) -> dict:
     """The parsed manifest.json of a dataset directory; ValueError if it is missing or not a µLM dataset."""
     d = Path(directory)
-    path = d / MANIFEST
-    if not d.is_dir():
-        raise ValueError(f"dataset {d}: no such directory")
-    if not path.is_file():
-        raise ValueError(f"dataset {d}: no {MANIFEST} (not a dataset, or a build that did not finish)")
+    path = file_in(d, MANIFEST, "dataset", missing=f"dataset {d}: no {MANIFEST} (not a dataset, or a build that "
+                                                    "did not finish)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
