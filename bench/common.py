@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ulm.generate import SamplingParams, sample_batch
+from ulm.generate import SamplingParams, decode_loop, sampler
 from ulm.util import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def machine() -> dict:
 
 def cpu_name() -> str:
     """The CPU's model name with its family and model numbers: a VM may name no more than "AMD EPYC", and hosts
-    of one name differ in kind (this project's 2-core VMs: Zen 4's kernels read at half Zen 5's speed)."""
+    of one name differ in kind (and in speed: docs/performance-log.md, "Benchmark hosts")."""
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
@@ -62,7 +62,7 @@ def memory_bandwidth(mib: int = 512, repeats: int = 7, device: str = "cpu") -> f
     current thread count (the roofline of a decode step, which reads every weight once); on "cuda", the GPU's.
 
     It waits first for the idle threads of the run before it to stop spinning: ONNX Runtime's spin for tens of
-    ms after a run, and sampled among them this machine read at ~35 GB/s instead of 55-75."""
+    ms after a run, and a sample taken among them reads well below the machine's bandwidth."""
     time.sleep(0.1)
     if (mib, device) not in _BUFFER:
         _BUFFER[mib, device] = torch.ones(mib * 2**20 // 4, device=device)
@@ -156,8 +156,8 @@ def weight_bytes(label: str, directory: Path, cfg) -> int:
     read[id(model.lm_head.weight)] = model.lm_head.weight
     n = sum(p.numel() * p.element_size() for p in read.values())
     if BACKENDS[label][1] == "int8":
-        from export.runtime import MODEL_FILE
         from export.quantize import matmul_weight_bytes
+        from export.runtime import MODEL_FILE
 
         linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
         n += matmul_weight_bytes(Path(directory) / MODEL_FILE) - sum(w.numel() * 4 for w in linear.values())
@@ -178,25 +178,17 @@ def time_decode(backend, batch: int, steps: int, prompt_len: int = 16, seed: int
     the server gives this backend. Returns each step's seconds, sampling included."""
     if prompt_len + steps + 1 > backend.config.block_size:
         raise ValueError(f"prompt ({prompt_len}) + steps ({steps}) exceed the context ({backend.config.block_size})")
-    slots = list(range(batch))
     prompts = random_prompts(batch, prompt_len, backend.tokenizer.vocab_size, seed)
-    times = []
+    params = [sampling or SamplingParams()] * batch
+    marks: list[float] = []  # after the prefill, then after each decode step
     threads = torch.get_num_threads()
     torch.set_num_threads(backend.torch_threads or threads)
-    try:
-        params = [sampling or SamplingParams()] * batch
-        generators = [p.make_generator() for p in params]
-        logits = backend.prefill(slots, prompts)
-        for i in range(steps):
-            t = time.perf_counter()
-            logits = backend.decode(slots, sample_batch(logits, params, generators), [prompt_len + i] * batch)
-            times.append(time.perf_counter() - t)
+    try:  # steps + 1 tokens: the last one is sampled from the last step's logits, outside the timed steps
+        decode_loop(backend, prompts, steps + 1, sampler(params, [p.make_generator() for p in params]),
+                    on_step=lambda: marks.append(time.perf_counter()))
     finally:
-        for s in slots:
-            with contextlib.suppress(KeyError):
-                backend.release(s)
         torch.set_num_threads(threads)
-    return times
+    return [b - a for a, b in zip(marks, marks[1:])]
 
 
 # -- the weight products alone -----------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class OnnxGPT(nn.Module):
         return (m.lm_head(h), *present)
 
 
+# Block.forward as ORT's fused nodes (SkipLayerNormalization, TensorScatter); test_export's parity tests keep them equal
 def block_forward(block: Block, h: torch.Tensor, x: torch.Tensor, next_ln: nn.Module, cache_k: torch.Tensor,
                   cache_v: torch.Tensor, past_lengths: torch.Tensor, attn_bias: torch.Tensor,
                   present: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

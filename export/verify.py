@@ -2,14 +2,14 @@
 
 Parity: ONNX Runtime logits against GPT.forward (a full pass without a cache, row by row) at past lengths 0,
 1 and N, batch 1 and 3 (rows of different lengths: the prefixes go in right-padded, each row's new tokens at its
-own length), for one new token and for a chunk. Greedy: ulm.generate.generate_ids against an ONNX Runtime loop
-that feeds each step's present back as the next past. Perplexity: mean next-token loss over block-size windows
-of held-out tokens.
+own length), for one new token and for a chunk. Greedy: ulm.generate.generate_ids against the same decode loop
+over the graph (OrtStepper: each step's present is fed back as the next past). Perplexity: mean next-token loss
+over block-size windows of held-out tokens.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from export.runtime import empty_cache, run
-from ulm.generate import generate_ids
+from ulm.generate import decode_loop, generate_ids
 from ulm.model import GPT
 from ulm.progress import progress_bar
 
@@ -69,19 +69,38 @@ def check_parity(model: GPT, session: ort.InferenceSession, atol: float = ATOL, 
     return {"cases": cases, "max_abs_diff": worst, "atol": atol, "passed": worst <= atol}
 
 
+class OrtStepper:
+    """The graph as a ulm.generate.Stepper over numpy caches of `length` positions per row, one row per slot:
+    each call's present keys/values become the rows' past."""
+
+    def __init__(self, session: ort.InferenceSession, model_cfg, max_batch: int, length: int):
+        self.session, self.cache = session, empty_cache(model_cfg, max_batch, length)
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        lengths = [len(p) for p in prompts]
+        ids = np.zeros((len(prompts), max(lengths)), np.int64)  # right-padded: padding's keys are never read
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+        return self._run(slots, ids, np.zeros(len(prompts)), np.array(lengths)[:, None] - 1)
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        return self._run(slots, [[t] for t in tokens], positions, [[0]] * len(slots))
+
+    def release(self, slot: int) -> None:
+        pass  # the next prefill writes the row from position 0
+
+    def _run(self, slots: list[int], ids, past_lengths, logits_index) -> torch.Tensor:
+        rows = np.asarray(slots)
+        logits, present = run(self.session, ids, past_lengths, logits_index, [a[rows] for a in self.cache])
+        for a, p in zip(self.cache, present):
+            a[rows] = p
+        return torch.from_numpy(logits[:, -1])  # (n, V)
+
+
 def ort_greedy(session: ort.InferenceSession, model_cfg, prompt: list[int], steps: int,
                eos_id: int | None = None) -> list[int]:
     """Greedy decoding with the graph alone: prefill, then one token per call with the present fed back."""
-    T = len(prompt)
-    logits, cache = run(session, [prompt], [0], [[T - 1]], empty_cache(model_cfg, 1, T + steps))
-    out: list[int] = []
-    for step in range(steps):
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok == eos_id or step == steps - 1:
-            break
-        logits, cache = run(session, [[tok]], [T + step], [[0]], cache)
-    return out
+    return decode_loop(OrtStepper(session, model_cfg, 1, len(prompt) + steps), [prompt], steps, eos_id=eos_id)[0]
 
 
 def check_greedy(model: GPT, session: ort.InferenceSession, prompt: list[int], steps: int = GREEDY_STEPS) -> dict:

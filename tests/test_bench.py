@@ -20,7 +20,9 @@ from ulm.config import gpt_preset
 from ulm.data.build import build_dataset
 from ulm.data.sources import NAMED_CORPORA, Corpus
 from ulm.generate import SamplingParams
-from ulm.model import GPT, InferenceLinear, KVCache
+from ulm.inference import InferenceLinear
+from ulm.kv_cache import KVCache
+from ulm.model import GPT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ulm.model import (
-    Block, DecoderLayer, FeedForward, LayerNorm, MultiHeadAttention, SinusoidalPositionalEncoding, sinusoidal_table,
-)
+from ulm.model import Block, FeedForward, LayerNorm, MultiHeadAttention, SinusoidalPositionalEncoding, sinusoidal_table
+from ulm.seq2seq import DecoderLayer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

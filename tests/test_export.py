@@ -23,7 +23,8 @@ from export.verify import check_greedy, check_parity, ort_greedy
 from ulm.checkpoint import load_checkpoint, save_checkpoint
 from ulm.config import GPTConfig
 from ulm.generate import generate_ids
-from ulm.model import GPT, KVCache
+from ulm.kv_cache import KVCache
+from ulm.model import GPT
 from ulm.tokenizer import char_level
 
 pytestmark = pytest.mark.usefixtures("single_thread")

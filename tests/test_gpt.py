@@ -7,7 +7,8 @@ import torch
 
 from ulm.config import GPTConfig, gpt_preset
 from ulm.generate import SamplingParams, generate_ids
-from ulm.model import GPT, KVCache
+from ulm.kv_cache import KVCache
+from ulm.model import GPT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

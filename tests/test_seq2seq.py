@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ulm.config import Seq2SeqConfig
-from ulm.model import Transformer
+from ulm.seq2seq import Transformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

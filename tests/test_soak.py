@@ -17,7 +17,8 @@ from server.backends.torch_backend import MMAP_MAX, MMAP_MIN, mmap_threshold, re
 from tests.server_fixture import SubprocessServer
 from ulm.checkpoint import save_checkpoint
 from ulm.config import gpt_preset
-from ulm.model import GPT, InferenceLinear
+from ulm.inference import InferenceLinear
+from ulm.model import GPT
 
 REQUESTS, STREAMS, SLOTS = 600, 32, 16
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ulm.model import GPT, KVCache
+from ulm.generate import ModelStepper, decode_loop
+from ulm.model import GPT
 from ulm.tokenizer import Tokenizer, char_level
 
 CHARS = "0123456789+="
@@ -72,7 +73,7 @@ class AdditionTask:
                 "split_seed": self.split_seed}
 
     @classmethod
-    def from_extra(cls, meta: dict) -> "AdditionTask":
+    def from_extra(cls, meta: dict) -> AdditionTask:
         keys = ("digits", "reverse", "val_fraction", "test_fraction", "split_seed")
         return cls(**{k: meta[k] for k in keys if k in meta})
 
@@ -174,17 +175,8 @@ class AdditionTask:
 def greedy_batch(model: GPT, prompts: torch.Tensor, steps: int) -> torch.Tensor:
     """Greedy continuation of equal-length prompts (N, P) with the KV cache -> (N, steps) token ids."""
     N, P = prompts.shape
-    device = prompts.device
-    cache = KVCache.for_model(model.config, N, P + steps, next(model.parameters()).dtype, device)
-    pos = torch.arange(P, device=device).expand(N, P)
-    logits = model(prompts, pos, cache, logits_at=torch.full((N,), P - 1, device=device))  # (N, 1, V)
-    out = []
-    for s in range(steps):
-        tok = logits[:, -1].argmax(-1)  # (N,)
-        out.append(tok)
-        if s < steps - 1:
-            logits = model(tok[:, None], torch.full((N, 1), P + s, device=device), cache)
-    return torch.stack(out, dim=1)
+    out = decode_loop(ModelStepper(model, N, P + steps), prompts.tolist(), steps)
+    return torch.tensor(out, dtype=torch.long, device=prompts.device).view(N, steps)
 
 
 @torch.inference_mode()

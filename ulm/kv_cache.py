@@ -1,0 +1,96 @@
+"""The KV cache: every layer's keys and values, preallocated, written in place as sequences grow.
+
+Shapes: n_layer layers, B rows (one sequence each), nh heads, L = max_len positions, hs head size, T new tokens.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+
+import torch
+
+from ulm.config import GPTConfig
+
+# One layer's part of a cached step, as MultiHeadAttention takes it (a plain tuple: built per layer per step):
+# (k, v) views (B, nh, L, hs) of the layer's rows, the new tokens' positions input_pos (B, T), `length` (attend
+# to positions [0, length)) and at_end (every row's new tokens are its last `T` positions).
+LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.zeros that, on the CPU, takes memory only where it is written: anonymous mmap pages, which the OS
+    zeroes on first touch (torch.zeros writes every byte up front: a 32-slot GPT-2-small cache is 2.4 GB)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
+def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write this step's keys/values (B, nh, T, hs) in place at each row's positions; return the first `length`
+    cached (B, nh, length, hs). at_end: one slice for every row (a plain copy, not an indexed scatter)."""
+    k_cache, v_cache, input_pos, length, at_end = cache
+    if at_end:
+        T = k.shape[2]
+        k_cache.narrow(2, length - T, T).copy_(k)
+        v_cache.narrow(2, length - T, T).copy_(v)
+        return k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length)
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+    k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)  # indexed view is (B, T, nh, hs)
+    v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
+    return k_cache[:, :, :length], v_cache[:, :, :length]
+
+
+def attention_mask(input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask (B, 1, T, length) of a cached step: each query sees its row's positions up to its own.
+    None when every row's one new token is at position length - 1 and so sees the whole cache."""
+    B, T = input_pos.shape
+    if T == 1 and (B == 1 or int(input_pos.min()) == length - 1):
+        return None
+    # additive, built once for every layer: SDPA would convert a boolean mask in each of them
+    key_pos = torch.arange(length, device=input_pos.device)
+    allowed = (key_pos[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, L)
+    return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, -math.inf)
+
+
+class KVCache:
+    """Preallocated keys and values: (n_layer, max_batch, nh, max_len, hs) each, written in place.
+
+    A row (slot) holds one sequence; rows may hold sequences of different lengths. Models take a contiguous
+    range of rows (a slice, so the per-layer buffers are views and writes land in the cache).
+    """
+
+    def __init__(self, n_layer: int, max_batch: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, max_batch, n_head, max_len, head_dim)
+        self.k = zeros_on_demand(shape, dtype, device)
+        self.v = zeros_on_demand(shape, dtype, device)
+
+    @classmethod
+    def for_model(cls, cfg: GPTConfig, max_batch: int, max_len: int | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+        return cls(cfg.n_layer, max_batch, cfg.n_head, max_len or cfg.block_size, cfg.head_dim, dtype, device)
+
+    @property
+    def max_batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, i: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i, rows], self.v[i, rows]  # (B, nh, L, hs) views
+
+    def layers(self, rows: slice, input_pos: torch.Tensor, length: int, at_end: bool) -> list[LayerCache]:
+        """Each layer's part of a step over cache rows `rows` (views: writes land in the cache)."""
+        k, v = self.k, self.v
+        return [(k[i, rows], v[i, rows], input_pos, length, at_end) for i in range(k.shape[0])]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into row dst (to keep live rows contiguous)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
