@@ -6,6 +6,7 @@ build/bench/exports and reused while the checkpoint's weights are unchanged).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -259,3 +260,23 @@ def matmul_graph(export_dir: Path) -> bytes:
     graph = helper.make_graph(nodes, "weight_products", inputs, outputs, list(weights.values()))
     products = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     return products.SerializeToString()
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Lay out, write (making its folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def add_model_source(p: argparse.ArgumentParser, target: bool, default_preset: str | None = None) -> None:
+    """--checkpoint or --preset (a random-init checkpoint of that shape), or with `target` a running server."""
+    src = p.add_mutually_exclusive_group(required=default_preset is None)
+    if target:
+        src.add_argument("--target", help="host:port of a running server")
+    src.add_argument("--checkpoint", help="a µLM checkpoint to serve")
+    src.add_argument("--preset", default=default_preset, help="serve a random-init checkpoint of this model shape")

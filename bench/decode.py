@@ -26,10 +26,23 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (BACKENDS, BENCH_DIR, backend_dir, check_device, ensure_checkpoint, machine, memory_bandwidth,
-                          parse_list, random_prompts, time_decode, weight_bytes, weight_products)
-from ulm.util import set_threads, write_json
+from bench.common import (
+    BACKENDS,
+    BENCH_DIR,
+    backend_dir,
+    check_device,
+    ensure_checkpoint,
+    machine,
+    memory_bandwidth,
+    parse_list,
+    random_prompts,
+    save_figure,
+    time_decode,
+    weight_bytes,
+    weight_products,
+)
 from ulm.config import GPT_PRESETS, gpt_preset
+from ulm.util import set_threads, write_json
 
 HF = "transformers"
 TARGETS = {"torch": 0.70, "onnx-fp32": 0.85}  # decode at batch 1, fraction of the roofline
@@ -268,10 +281,7 @@ def plot(results: list[dict], batch: int, path: Path) -> Path:
             ax.set_title(f"{run['preset']}: {title}", fontsize=10)
             ax.grid(True, axis="y", alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import BENCH_DIR, ensure_checkpoint, machine
+from bench.common import BENCH_DIR, add_model_source, ensure_checkpoint, machine
 from bench.serving import Server
 from clients.load import pct
 from protos.ulm.v1 import text_generation_pb2 as pb
@@ -105,10 +105,7 @@ async def phase(target: str, seconds: float, text: str | None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.large_input", description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--target", help="host:port of a running server")
-    src.add_argument("--checkpoint", help="start a server for this µLM checkpoint")
-    src.add_argument("--preset", default="small", help="start a server for a random-init checkpoint of this preset")
+    add_model_source(p, target=True, default_preset="small")
     p.add_argument("--mb", type=float, default=3.9, help="size of the large requests' text, in MB")
     p.add_argument("--seconds", type=float, default=5.0, help="each phase's length")
     p.add_argument("--out", default=str(BENCH_DIR / "large_input.json"))

@@ -33,11 +33,13 @@ from bench.common import (
     BACKENDS,
     BENCH_DIR,
     ROOT,
+    add_model_source,
     backend_dir,
     check_device,
     ensure_checkpoint,
     machine,
     parse_list,
+    save_figure,
     time_decode,
 )
 from clients.load import PROMPT, sweep
@@ -172,21 +174,14 @@ def plot(runs: list[dict], path: Path) -> Path:
     mode = (f"temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}" if s.get("temperature")
             else "greedy")
     fig.suptitle(f"µLM serving: {name}, {runs[0]['max_new_tokens']} new tokens per stream, {mode}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- main --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--target", help="host:port of a running server")
-    src.add_argument("--checkpoint", help="start servers for this µLM checkpoint")
-    src.add_argument("--preset", help="start servers for a random-init checkpoint of this preset")
+    add_model_source(p, target=True)
     p.add_argument("--backends", default=",".join(BACKENDS), help="with --checkpoint/--preset")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
     p.add_argument("--max-new-tokens", type=int, default=64)

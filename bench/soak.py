@@ -38,7 +38,16 @@ from pathlib import Path
 import grpc
 import psutil
 
-from bench.common import BACKENDS, BENCH_DIR, backend_dir, ensure_checkpoint, machine, parse_list
+from bench.common import (
+    BACKENDS,
+    BENCH_DIR,
+    add_model_source,
+    backend_dir,
+    ensure_checkpoint,
+    machine,
+    parse_list,
+    save_figure,
+)
 from bench.serving import Server
 from clients.load import one_stream
 from protos.ulm.v1 import text_generation_pb2 as pb
@@ -221,18 +230,12 @@ def plot(runs: list[dict], title: str, path: Path) -> Path:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="serve this µLM checkpoint")
-    src.add_argument("--preset", help="serve a random-init checkpoint of this preset")
+    add_model_source(p, target=False)
     p.add_argument("--backend", default="torch", choices=list(BACKENDS))
     p.add_argument("--streams", type=int, default=64, help="concurrent clients")
     p.add_argument("--requests", type=int, default=4000, help="calls per connection mode")

@@ -1,4 +1,4 @@
-"""Generate the Python gRPC stubs from protos/ into protos/: `python -m protos.generate [--out DIR]`.
+"""Generate the Python gRPC stubs beside the contract (protos/ulm/v1/): `python -m protos.generate [--out DIR]`.
 
 protoc names generated modules after the .proto paths, so protos/ulm/v1/x.proto becomes `ulm.v1.x_pb2`,
 which would collide with the `ulm` library. The files are written under protos/ and their imports of

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench import decode as bench_decode, serving as bench_serving, train as bench_train
+from bench import decode as bench_decode
+from bench import serving as bench_serving
+from bench import train as bench_train
 from bench.common import check_device, ensure_export, matmul_graph, time_decode, weight_bytes
 from export.quantize import quantize_int8
 from export.runtime import FORMAT, create_session

@@ -16,9 +16,17 @@ import torch.nn.functional as F
 
 from export.__main__ import main
 from export.onnx_export import export_onnx
-from export.runtime import input_names, present_names
 from export.pipeline import ExportOptions, export_checkpoint
-from export.runtime import ExportError, check_files, create_session, empty_cache, read_export, run
+from export.runtime import (
+    ExportError,
+    check_files,
+    create_session,
+    empty_cache,
+    input_names,
+    present_names,
+    read_export,
+    run,
+)
 from export.verify import check_greedy, check_parity, ort_greedy
 from ulm.checkpoint import load_checkpoint, save_checkpoint
 from ulm.config import GPTConfig
@@ -209,7 +217,7 @@ def quantized(trained):
 
 def test_int8_is_smaller_and_keeps_perplexity(quantized):
     out, manifest, lines = quantized
-    assert [l.split("]")[0] for l in lines if l.startswith("[")] == ["[1/5", "[2/5", "[3/5", "[4/5", "[5/5"]
+    assert [line.split("]")[0] for line in lines if line.startswith("[")] == ["[1/5", "[2/5", "[3/5", "[4/5", "[5/5"]
     assert manifest["dtype"] == "int8"
     report = manifest["verification"]
     assert report["float32"]["passed"]  # the fp32 graph was verified before quantizing
@@ -225,7 +233,7 @@ def test_int8_is_smaller_and_keeps_perplexity(quantized):
     assert ppl["float32"] < 4.0, "the fp32 model should have learned the grammar"
     assert abs(ppl["float32"] - report["float32"]["perplexity"]["torch"]) < 1e-3 * ppl["float32"]
     assert ppl["relative_change"] <= PPL_BOUND, ppl
-    assert any("int8 perplexity" in l for l in lines)
+    assert any("int8 perplexity" in line for line in lines)
 
 
 def test_int8_weights_cannot_saturate_on_any_cpu(quantized):

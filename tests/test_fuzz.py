@@ -8,6 +8,7 @@ import math
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_fixture import CONTEXT, make_toy_checkpoint
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from server.__main__ import build_parser
@@ -16,7 +17,6 @@ from server.detokenize import TextStream
 from server.errors import InvalidArgument
 from server.metrics import Metrics
 from server.services.generation import GenerationService
-from server_fixture import CONTEXT, make_toy_checkpoint
 from ulm.generate import SamplingParams, sample_token
 from ulm.tokenizer import byte_level, char_level
 

@@ -12,19 +12,18 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from server_fixture import InProcessServer
 
-from protos.ulm.v1 import text_generation_pb2 as pb
-from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from export.quantize import quantize_int8
 from export.runtime import INT8_WEIGHT_BITS, ExportError, file_entries
+from protos.ulm.v1 import text_generation_pb2 as pb
+from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.backends import load_backend
 from server.backends.base import warmup
 from server.backends.onnx_backend import OnnxBackend
 from server.backends.torch_backend import TorchBackend
-from server_fixture import InProcessServer
 from ulm.checkpoint import load_checkpoint
 from ulm.generate import generate_ids
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

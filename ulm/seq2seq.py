@@ -18,12 +18,9 @@ class DecoderLayer(nn.Module):
                  dropout: float = 0.0, norm_first: bool = False, eps: float = 1e-5):
         super().__init__()
         self.norm_first = norm_first
-        self.ln_1 = LayerNorm(d_model, bias, eps)
-        self.self_attn = MultiHeadAttention(d_model, n_head, bias, dropout)
-        self.ln_2 = LayerNorm(d_model, bias, eps)
-        self.cross_attn = MultiHeadAttention(d_model, n_head, bias, dropout)
-        self.ln_3 = LayerNorm(d_model, bias, eps)
+        self.self_attn, self.cross_attn = (MultiHeadAttention(d_model, n_head, bias, dropout) for _ in range(2))
         self.mlp = FeedForward(d_model, d_ff, activation, bias, dropout)
+        self.ln_1, self.ln_2, self.ln_3 = (LayerNorm(d_model, bias, eps) for _ in range(3))  # one per sublayer
         self.dropout = dropout_layer(dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, tgt_padding_mask: torch.Tensor | None = None,
