@@ -152,10 +152,8 @@ def create_session(path: str | os.PathLike | bytes, device: str = "cpu", threads
     usable (ORT falls back to the CPU when the CUDA provider cannot start; `session.get_providers()` says what is in
     use).
 
-    spin: idle intra-op threads spin (ORT's default) rather than sleep. Measured with 2 threads on 2 cores
-    (GPT-2-small): in-process, spinning decodes one row up to ~20% faster and 16 rows ~8%; in the server, whose
-    event loop needs the same cores, sleeping threads halve the time to first token (45 -> 29 ms, one stream)
-    for the same tokens/s at 16 streams."""
+    spin: idle intra-op threads spin (ORT's default) rather than sleep: faster in-process, but a server, whose
+    event loop needs the same cores, is better off with sleeping ones (docs/performance-log.md)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     so = ort.SessionOptions()

@@ -66,8 +66,8 @@ class App:
         log.info("listening on %s:%d", self.host, self.port)
         t0 = time.perf_counter()
         await asyncio.gather(*(s.start() for s in self.services))
-        # Startup leaves ~300k long-lived objects (modules, the model) that a full collection walks: ~165 ms with the
-        # GIL held (GPT-2-small, 2 cores), a stall of every stream whenever one runs. Frozen, collections skip them.
+        # startup's long-lived objects (modules, the model), frozen: full collections skip them instead of stalling
+        # every stream (docs/performance-log.md)
         gc.collect()
         gc.freeze()
         if not self.draining:
