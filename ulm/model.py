@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ulm.config import GPTConfig
+from ulm.config import GPTConfig, Seq2SeqConfig
 from ulm.kv_cache import KVCache, LayerCache, attention_mask, write_kv
 
 
@@ -231,6 +231,18 @@ class Embedder(nn.Module):
         return self.dropout(x) if self.training else x
 
 
+def block_stack(cfg: GPTConfig | Seq2SeqConfig, n: int) -> nn.ModuleList:
+    """n Blocks of a config's shape: a GPT's, or an encoder's."""
+    return nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.d_ff, activation=cfg.activation, bias=cfg.bias,
+                               dropout=cfg.dropout, norm_first=cfg.norm_first, eps=cfg.layer_norm_eps)
+                         for _ in range(n))
+
+
+def final_norm(cfg: GPTConfig | Seq2SeqConfig) -> nn.Module:
+    """Pre-norm stacks end with a norm; post-norm layers already end with one."""
+    return LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
+
+
 class GPT(nn.Module):
     """Decoder-only language model (GPT-2 architecture by default)."""
 
@@ -238,12 +250,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embedder(cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.pos_encoding, cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg.n_embd, cfg.n_head, cfg.d_ff, activation=cfg.activation, bias=cfg.bias, dropout=cfg.dropout,
-                  norm_first=cfg.norm_first, eps=cfg.layer_norm_eps)
-            for _ in range(cfg.n_layer)
-        )
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
+        self.blocks = block_stack(cfg, cfg.n_layer)
+        self.ln_f = final_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)

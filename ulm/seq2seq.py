@@ -8,7 +8,16 @@ import torch
 import torch.nn as nn
 
 from ulm.config import Seq2SeqConfig
-from ulm.model import Block, Embedder, FeedForward, LayerNorm, MultiHeadAttention, dropout_layer, init_weights
+from ulm.model import (
+    Embedder,
+    FeedForward,
+    LayerNorm,
+    MultiHeadAttention,
+    block_stack,
+    dropout_layer,
+    final_norm,
+    init_weights,
+)
 
 
 class DecoderLayer(nn.Module):
@@ -48,13 +57,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: Seq2SeqConfig):
         super().__init__()
         self.embed = Embedder(cfg.src_vocab_size, cfg.n_embd, cfg.block_size, cfg.pos_encoding, cfg.dropout)
-        self.layers = nn.ModuleList(
-            Block(cfg.n_embd, cfg.n_head, cfg.d_ff, activation=cfg.activation, bias=cfg.bias, dropout=cfg.dropout,
-                  norm_first=cfg.norm_first, eps=cfg.layer_norm_eps)
-            for _ in range(cfg.n_encoder_layer)
-        )
-        # Pre-norm stacks end with a norm; post-norm layers already end with one.
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
+        self.layers = block_stack(cfg, cfg.n_encoder_layer)
+        self.ln_f = final_norm(cfg)
 
     def forward(self, src: torch.Tensor, src_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         pos = torch.arange(src.shape[1], device=src.device)
@@ -73,7 +77,7 @@ class Decoder(nn.Module):
                          dropout=cfg.dropout, norm_first=cfg.norm_first, eps=cfg.layer_norm_eps)
             for _ in range(cfg.n_decoder_layer)
         )
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
+        self.ln_f = final_norm(cfg)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_padding_mask: torch.Tensor | None = None,
                 memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
