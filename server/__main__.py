@@ -8,8 +8,10 @@ import signal
 import sys
 
 from server.app import MAX_REQUEST_BYTES, App
+from server.data_root import DataRoot, default_data_root
 from server.metrics import Metrics
 from server.services import discover
+from server.shared import Shared
 
 # a thread that tokenizes or serializes megabytes hands the GIL to the event loop ten times as often as Python's
 # default 5 ms, so other calls wait less (docs/performance-log.md)
@@ -27,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="larger requests get RESOURCE_EXHAUSTED (a prompt, a text to tokenize)")
+    p.add_argument("--data-root", default=str(default_data_root()),
+                   help="uploads, datasets, models, job logs and the job database live here, and nothing a "
+                        "request names is read or written outside it")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for spec in discover().values():
         if spec.add_arguments is not None:
@@ -35,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_app(args: argparse.Namespace) -> App:
-    metrics = Metrics()
-    services = [spec.build(args, metrics) for spec in discover().values()]
-    return App(services, metrics, args.host, args.port, args.metrics_port, args.max_request_bytes)
+    shared = Shared(Metrics(), DataRoot(args.data_root))
+    services = [spec.build(args, shared) for spec in discover().values()]
+    return App(services, shared.metrics, args.host, args.port, args.metrics_port, args.max_request_bytes)
 
 
 def default_checkpoint() -> str:

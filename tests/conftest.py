@@ -1,8 +1,12 @@
 """Shared fixtures. Keep this small and generic: tests build their own data and models."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
+import shutil
 import socket
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,6 +17,10 @@ import torch
 from ulm.checkpoint import save_checkpoint
 from ulm.config import gpt_preset
 from ulm.model import GPT
+
+# the suite never writes to the user's cache (downloads, the default model, a server's default data root)
+os.environ["ULM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ulm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ULM_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import grpc
 
-from server.metrics import Metrics
+from server.shared import Shared
 
 
 class Service(Protocol):
@@ -35,7 +35,7 @@ class Service(Protocol):
 @dataclass
 class ServiceSpec:
     name: str
-    build: Callable[[argparse.Namespace, Metrics], Service]
+    build: Callable[[argparse.Namespace, Shared], Service]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # the service's own flags
 
 

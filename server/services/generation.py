@@ -20,10 +20,10 @@ from server.backends.base import Backend
 from server.engine import Engine, EngineSettings
 from server.errors import NotFound, ResourceExhausted, Unavailable, call_end_code
 from server.generate_request import ON_LOOP_CHARS, Limits, TextRequest, parse_generate
-from server.metrics import Metrics
 from server.scheduler import NotAccepting, QueueFull, Scheduler
 from server.sequence import Sequence
 from server.services import ServiceSpec, register
+from server.shared import Shared
 from server.text_output import Chunk, TextOutput
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
@@ -61,12 +61,12 @@ def check_flags(args: argparse.Namespace) -> None:
 class GenerationService(pb_grpc.TextGenerationServicer):
     name = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 
-    def __init__(self, args: argparse.Namespace, metrics: Metrics):
+    def __init__(self, args: argparse.Namespace, shared: Shared):
         check_flags(args)
         self.args = args
         self.limits = Limits(args.max_new_tokens, args.default_max_new_tokens)
         self.engine = Engine(EngineSettings(args.backend, args.checkpoint, args.device, args.max_batch,
-                                            args.max_queue, args.threads), metrics)
+                                            args.max_queue, args.threads), shared.metrics)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="ulm-tokenize")  # large texts, one at a time
 
     @property
