@@ -1,30 +1,32 @@
 """`python -m clients`: talk to a µLM server.
 
-  generate "prompt" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --stop STR]
+  generate "prompt" [--model NAME --max-new-tokens N --temperature T --top-k K --top-p P --seed S --stop STR]
   info | tokenize "text" | bench [--streams N]
-Every command takes --target host:port (default $ULM_TARGET or 127.0.0.1:50051). gRPC errors print
-"error: CODE: details" and exit 1.
+  files ... | datasets ... | models ... (clients/resources.py) | jobs ... (clients/jobs.py)
+Every command takes --target host:port (default $ULM_TARGET or 127.0.0.1:50051), --token (default $ULM_TOKEN)
+for a server that asks for one, --tls-ca FILE for a TLS server, and --timeout. gRPC errors print
+"error: CODE: details" and exit 1; a job watched to a state other than SUCCEEDED exits 1 too.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
 import sys
 
 import grpc
 
+from clients import jobs, resources
+from clients.channel import add_connection_arguments, open_aio_channel, open_channel
 from clients.load import run_level
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 
-DEFAULT_TARGET = os.environ.get("ULM_TARGET", "127.0.0.1:50051")
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
 
 
-def connect(target: str) -> pb_grpc.TextGenerationStub:
-    return pb_grpc.TextGenerationStub(grpc.insecure_channel(target))
+def connect(args: argparse.Namespace) -> pb_grpc.TextGenerationStub:
+    return pb_grpc.TextGenerationStub(open_channel(args))
 
 
 def generate_request(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -34,7 +36,7 @@ def generate_request(args: argparse.Namespace) -> pb.GenerateRequest:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    stub = connect(args.target)
+    stub = connect(args)
     last = None
     for last in stub.Generate(generate_request(args), timeout=args.timeout):
         sys.stdout.write(last.text)
@@ -46,22 +48,22 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    info = connect(args.target).GetModelInfo(pb.GetModelInfoRequest(model=args.model), timeout=args.timeout)
+    info = connect(args).GetModelInfo(pb.GetModelInfoRequest(model=args.model), timeout=args.timeout)
     for field in info.DESCRIPTOR.fields:
         print(f"{field.name}: {getattr(info, field.name)}")
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
-    r = connect(args.target).Tokenize(pb.TokenizeRequest(model=args.model, text=args.text), timeout=args.timeout)
+    r = connect(args).Tokenize(pb.TokenizeRequest(model=args.model, text=args.text), timeout=args.timeout)
     print(json.dumps({"token_ids": list(r.token_ids), "tokens": list(r.tokens)}, ensure_ascii=False))
 
 
-async def bench(target: str, streams: int, max_new_tokens: int, prompt: str = "Once upon a time",
+async def bench(args: argparse.Namespace, streams: int, max_new_tokens: int, prompt: str = "Once upon a time",
                 repeats: int = 3) -> dict:
     """N concurrent greedy streams against one alone (bench.serving's levels): if requests are batched,
     the ratio wall(N) / (N * wall(1)) is far below 1."""
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_aio_channel(args) as channel:
         stub = pb_grpc.TextGenerationStub(channel)
         await run_level(stub, 1, max_new_tokens, prompt, 1)  # warm the connection
         one = await run_level(stub, 1, max_new_tokens, prompt, repeats)
@@ -73,7 +75,7 @@ async def bench(target: str, streams: int, max_new_tokens: int, prompt: str = "O
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    r = asyncio.run(bench(args.target, args.streams, args.max_new_tokens))
+    r = asyncio.run(bench(args, args.streams, args.max_new_tokens))
     print(f"1 stream: {r['wall_one_s'] * 1e3:.1f} ms for {r['tokens']} tokens (TTFT {r['ttft_one_ms']:.2f} ms, "
           f"{r['itl_one_ms']:.2f} ms/token)")
     print(f"{r['streams']} streams: {r['wall_many_s'] * 1e3:.1f} ms in all ({r['itl_many_ms']:.2f} ms/token per "
@@ -85,10 +87,10 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
+    conn = argparse.ArgumentParser(add_help=False)
+    add_connection_arguments(conn)
+    common = argparse.ArgumentParser(add_help=False, parents=[conn])
     common.add_argument("--model", default="", help="model name (default: the server's)")
-    common.add_argument("--timeout", type=float, help="deadline in seconds")
 
     parser = argparse.ArgumentParser(prog="python -m clients", description="µLM gRPC client")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,19 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--streams", type=int, default=32)
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.set_defaults(func=run_bench)
+    resources.add_commands(sub, conn)
+    jobs.add_commands(sub, conn)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except ValueError as e:  # protobuf range errors, e.g. a negative --max-new-tokens
+    except (ValueError, OSError) as e:  # protobuf range errors (a negative --max-new-tokens), a file to upload
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0

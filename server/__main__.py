@@ -7,9 +7,12 @@ import logging
 import signal
 import sys
 
+from server import auth
 from server.app import MAX_REQUEST_BYTES, App
 from server.data_root import DataRoot, default_data_root
+from server.jobs.manager import JobManager
 from server.metrics import Metrics
+from server.models import ModelRegistry
 from server.services import discover
 from server.shared import Shared
 
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=str(default_data_root()),
                    help="uploads, datasets, models, job logs and the job database live here, and nothing a "
                         "request names is read or written outside it")
+    auth.add_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for spec in discover().values():
         if spec.add_arguments is not None:
@@ -40,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_app(args: argparse.Namespace) -> App:
+    security = auth.security_from_args(args)  # first: a refused address loads nothing
     shared = Shared(Metrics(), DataRoot(args.data_root))
+    shared.jobs = JobManager(args, shared)
+    shared.models = ModelRegistry(args, shared)
     services = [spec.build(args, shared) for spec in discover().values()]
-    return App(services, shared.metrics, args.host, args.port, args.metrics_port, args.max_request_bytes)
+    return App(services, shared.metrics, args.host, args.port, args.metrics_port, args.max_request_bytes,
+               security)
 
 
 def default_checkpoint() -> str:

@@ -1,11 +1,12 @@
 """The gRPC server: the registered services, health, reflection, and one interceptor for status codes.
 
 Health starts NOT_SERVING, turns SERVING once every service has started (models loaded and warmed up), and
-goes back to NOT_SERVING when the server drains. The interceptor wraps our services' methods: it refuses
-calls while draining, turns ServiceError into its status code (anything else into INTERNAL, logged), and
-counts every call by method and final status code. It also parses the requests itself, so that one that is
-too large or undecodable reaches the handler as an error (counted, with a one-line status) instead of failing
-inside gRPC (uncounted, UNKNOWN and a traceback).
+goes back to NOT_SERVING when the server drains. The interceptor wraps our services' methods: it checks the
+bearer token first (server/auth.py; health and reflection stay open), refuses calls while draining, turns
+ServiceError into its status code (anything else into INTERNAL, logged), and counts every call by method and
+final status code. It also parses the requests itself, so that one that is too large or undecodable reaches the
+handler as an error (counted, with a one-line status) instead of failing inside gRPC (uncounted, UNKNOWN and a
+traceback).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.auth import Security
 from server.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable, call_end_code
 from server.metrics import Metrics
 from server.services import Service
@@ -30,7 +32,8 @@ CORE_LIMIT_FACTOR = 4  # gRPC refuses (uncounted) only requests this many times 
 
 class App:
     def __init__(self, services: list[Service], metrics: Metrics, host: str = "127.0.0.1", port: int = 50051,
-                 metrics_port: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES):
+                 metrics_port: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 security: Security | None = None):
         if max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
         self.services = services
@@ -38,6 +41,7 @@ class App:
         self.metrics = metrics
         self.host, self.port = host, port
         self.metrics_port = metrics_port
+        self.security = security or Security()
         self.draining = False
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -58,12 +62,15 @@ class App:
         names = [s.name for s in self.services]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        credentials = self.security.credentials
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         await self.server.start()
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
             log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_port)
-        log.info("listening on %s:%d", self.host, self.port)
+        log.info("listening on %s:%d%s", self.host, self.port, " (TLS)" if credentials is not None else "")
         t0 = time.perf_counter()
         await asyncio.gather(*(s.start() for s in self.services))
         # startup's long-lived objects (modules, the model), frozen: full collections skip them instead of stalling
@@ -158,6 +165,8 @@ class _Outcome:
         self.counted = False
 
     def check_accepting(self) -> None:
+        # the token first: a caller without one learns nothing, not even that the server drains
+        self.app.security.authenticate(self.context.invocation_metadata())
         if self.app.draining:
             raise Unavailable("server is shutting down")
 

@@ -1,7 +1,8 @@
 """The model side of text generation: the backend (model and tokenizer), its model thread, and the scheduler.
 
 Loading, thread sizing and warm-up run in the one model thread that later runs every forward pass (OpenMP's
-thread count is per thread). Submitting, cancelling and draining go to the scheduler, on token ids.
+thread count is per thread). Submitting, cancelling and draining go to the scheduler, on token ids. A server may
+run several engines (one per loaded model, server/models.py); their schedulers share the server's gauges.
 """
 from __future__ import annotations
 
@@ -41,10 +42,38 @@ def load_warm(settings: EngineSettings) -> Backend:
     return backend
 
 
+class GaugeShare:
+    """One engine's part of a server-wide gauge: it moves the gauge by its own change, so the gauge holds the sum
+    over every loaded model (queue depth, running requests)."""
+
+    def __init__(self, gauge):
+        self.gauge, self.value = gauge, 0.0
+
+    def set(self, value: float) -> None:
+        self.gauge.inc(value - self.value)
+        self.value = value
+
+
+class EngineMetrics:
+    """The server's metrics as one engine's scheduler sees them: its gauges are shares, the rest is the server's."""
+
+    def __init__(self, metrics: Metrics):
+        self.server = metrics
+        self.queue_depth = GaugeShare(metrics.queue_depth)
+        self.running = GaugeShare(metrics.running)
+
+    def __getattr__(self, name: str):
+        return getattr(self.server, name)
+
+    def clear(self) -> None:
+        self.queue_depth.set(0)
+        self.running.set(0)
+
+
 class Engine:
     def __init__(self, settings: EngineSettings, metrics: Metrics):
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = EngineMetrics(metrics)
         self.backend: Backend | None = None  # set once loaded and warmed up
         self.scheduler: Scheduler | None = None  # set once it runs
 
@@ -58,7 +87,11 @@ class Engine:
 
     async def start(self) -> None:
         executor = ThreadPoolExecutor(1, thread_name_prefix="ulm-model")  # every forward pass, from loading on
-        self.backend = await asyncio.get_running_loop().run_in_executor(executor, load_warm, self.settings)
+        try:
+            self.backend = await asyncio.get_running_loop().run_in_executor(executor, load_warm, self.settings)
+        except BaseException:
+            executor.shutdown(wait=False)  # a model that failed to load leaves no thread behind
+            raise
         self.scheduler = Scheduler(self.backend, self.settings.max_queue, self.metrics, executor)
         self.scheduler.start()
 
@@ -76,3 +109,4 @@ class Engine:
     async def close(self) -> None:
         if self.scheduler is not None:
             await self.scheduler.close()
+        self.metrics.clear()

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,13 @@ def make_toy_checkpoint(directory: Path, seed: int = 0) -> Path:
     return save_checkpoint(directory, GPT(gpt_preset("toy", block_size=CONTEXT)), extra={"preset": "toy"})
 
 
+def own_data_root(argv: list[str]) -> list[str]:
+    """argv with a fresh temporary --data-root unless it names one: a data root serves one server at a time."""
+    if any(a == "--data-root" or a.startswith("--data-root=") for a in argv):
+        return argv
+    return [*argv, "--data-root", tempfile.mkdtemp(prefix="ulm-root-", dir=os.environ.get("ULM_CACHE_DIR"))]
+
+
 def wait_serving(target: str, timeout: float = 60.0) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -49,7 +57,7 @@ class InProcessServer:
     """The server's App (as `python -m server` builds it) on its own event loop in a background thread."""
 
     def __init__(self, argv: list[str]):
-        args = build_parser().parse_args([*argv, "--port", "0", "--metrics-port", "0"])
+        args = build_parser().parse_args([*own_data_root(argv), "--port", "0", "--metrics-port", "0"])
         self.app = build_app(args)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
@@ -100,7 +108,7 @@ class SubprocessServer:
     """`python -m server ... --port 0 --metrics-port 0`; the ports are read from its log."""
 
     def __init__(self, argv: list[str]):
-        cmd = [sys.executable, "-m", "server", *argv, "--port", "0", "--metrics-port", "0"]
+        cmd = [sys.executable, "-m", "server", *own_data_root(argv), "--port", "0", "--metrics-port", "0"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.log: list[str] = []

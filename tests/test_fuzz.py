@@ -13,10 +13,12 @@ from server_fixture import CONTEXT, make_toy_checkpoint
 from protos.ulm.v1 import text_generation_pb2 as pb
 from server.__main__ import build_parser
 from server.backends import load_backend
+from server.data_root import DataRoot
 from server.detokenize import TextStream
 from server.errors import InvalidArgument
 from server.metrics import Metrics
 from server.services.generation import GenerationService
+from server.shared import Shared
 from ulm.generate import SamplingParams, sample_token
 from ulm.tokenizer import byte_level, char_level
 
@@ -42,7 +44,8 @@ requests = st.builds(
 def service(tmp_path_factory):
     """The generation service with its real backend, without the scheduler: only its parser runs."""
     checkpoint = make_toy_checkpoint(tmp_path_factory.mktemp("toy"))
-    s = GenerationService(build_parser().parse_args(["--checkpoint", str(checkpoint)]), Metrics())
+    args = build_parser().parse_args(["--checkpoint", str(checkpoint)])
+    s = GenerationService(args, Shared(Metrics(), DataRoot(tmp_path_factory.mktemp("root"))))
     s.engine.backend = load_backend("torch", checkpoint, "cpu", 4)
     yield s
     s.tokenizing.shutdown()
@@ -88,10 +91,9 @@ def test_streamed_text_is_the_decoded_completion_cut_at_the_first_stop(name, dat
     if not stopped:
         text, stopped = stream.flush()
         out.append(text)
-    hits = [full.find(s) for s in stops if s in full]
-    expected = full[:min(hits)] if hits else full
-    assert "".join(out) == expected
-    assert stopped == bool(hits)
+    cut = first_stop_cut(tokenizer, ids, full, stops)
+    assert "".join(out) == (full if cut is None else full[:cut])
+    assert stopped == (cut is not None)
     assert all("\ufffd" not in t or "\ufffd" in full for t in out)
 
 
@@ -109,3 +111,17 @@ def test_sampling_picks_a_valid_token_for_every_accepted_setting(logits, tempera
     assert 0 <= token < len(logits)
     if temperature <= 1e-30:
         assert t[token] == t.max()  # a tiny temperature is greedy (ties aside)
+
+
+def first_stop_cut(tokenizer, ids: list[int], full: str, stops: list[str]) -> int | None:
+    """Where a stream must cut: stops are looked for in the text known after each token (whole characters), so
+    the first token boundary whose text holds a stop decides, and the cut is the earliest start among the stops
+    in that text (a longer stop that started earlier but completes later is never seen)."""
+    boundaries = sorted({len(t) for i in range(1, len(ids) + 1) if full.startswith(t := tokenizer.decode(ids[:i]))
+                         and not t.endswith("\ufffd")} | {len(full)})
+    for end in boundaries:
+        starts = [i for i in (full[:end].find(s) for s in stops) if i >= 0]
+        if starts:
+            return min(starts)
+    return None
+

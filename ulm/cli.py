@@ -1,7 +1,8 @@
 """The `ulm` command line: `ulm init`, `ulm import-gpt2`, `ulm generate` (and the pipeline commands).
 
 Each command is a `add_*` function that adds its parser; to add one, write it and list it in COMMANDS.
-Errors in input (missing files, bad checkpoints, bad values) print one line and exit with status 2.
+Errors in input (missing files, bad checkpoints, bad values) print one line and exit with status 2. `ulm train`
+stopped by SIGTERM saves its last checkpoint, prints one line and exits with status 3 (EXIT_STOPPED).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import sys
 
 import torch
+
+EXIT_STOPPED = 3  # `ulm train` stopped by SIGTERM, its last checkpoint saved: `--resume` continues it
 
 
 def add_init(sub) -> None:
@@ -158,8 +161,8 @@ def add_train(sub) -> None:
     p.set_defaults(func=run_train)
 
 
-def run_train(args) -> None:
-    from ulm.train import train
+def run_train(args) -> int:
+    from ulm.train import TrainingStopped, train
     from ulm.train_config import build_config
     from ulm.training.state import saved_config
 
@@ -170,9 +173,16 @@ def run_train(args) -> None:
              "dtype": args.dtype, "compile": args.compile}
     cfg = build_config(args.preset, args.config, args.set, {k: v for k, v in flags.items() if v is not None},
                        base=None if (args.preset or args.config) else base)
-    best = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+    master = os.environ.get("RANK", "0") == "0"  # under torchrun, one line, not one per process
+    try:
+        best = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_on_sigterm=True)
+    except TrainingStopped as e:
+        if master:
+            print(f"ulm train: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    if master:
         print(f"best checkpoint: {best}")
+    return 0
 
 
 def add_eval(sub) -> None:
@@ -215,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"ulm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0

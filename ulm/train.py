@@ -14,11 +14,18 @@ A run directory (--out) holds:
 
 Data parallelism: every process draws the same global batch (one seeded generator) and trains on its slice,
 so a run's batches depend on the seed alone, and `--resume` continues bit-exactly on CPU.
+
+Stopping: with stop_on_sigterm (`ulm train` sets it), SIGTERM ends the run after the current iteration, with `last`
+saved, by raising TrainingStopped; `--resume` continues it exactly as if it had not stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +41,7 @@ from ulm.training.metrics import METRICS, append_record, plot_losses, truncate_m
 from ulm.training.optim import lr_at, make_optimizer, set_lr
 from ulm.training.state import (
     BEST,
+    LAST,
     check_resumable,
     clear_stale,
     find_last,
@@ -50,11 +58,34 @@ from ulm.util import set_threads, write_json
 CONFIG_JSON = "train_config.json"
 
 
+class TrainingStopped(Exception):
+    """A stop request (SIGTERM) ended the run after an iteration, with `last` saved: `--resume` continues it."""
+
+    def __init__(self, step: int, out: Path):
+        super().__init__(f"stopped by SIGTERM at iteration {step}; the last checkpoint is in {out / LAST} "
+                         "(continue with --resume)")
+        self.step = step
+
+
+@contextlib.contextmanager
+def sigterm_sets(event: threading.Event) -> Iterator[None]:
+    """SIGTERM sets `event` instead of ending the process (signal handlers exist in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(cfg: TrainConfig | str, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          overrides: list[str] | tuple[str, ...] = ()) -> Path:
+          overrides: list[str] | tuple[str, ...] = (), stop_on_sigterm: bool = False) -> Path:
     """Train per `cfg` (a TrainConfig, or a recipe name plus `overrides`) into `out_dir`; return the best
     checkpoint's directory. With `resume`, continue the run saved in out_dir/last (or start if none); a
-    finished run is not trained further, so `train("adder", dir, resume=True)` is safe to call at every start."""
+    finished run is not trained further, so `train("adder", dir, resume=True)` is safe to call at every start.
+    With `stop_on_sigterm`, SIGTERM stops the run after its current iteration: TrainingStopped, `last` saved."""
     if isinstance(cfg, str):
         cfg = build_config(cfg, overrides=overrides)
     cfg.validate()
@@ -69,7 +100,9 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike, *, resume: bool = 
         trainer = Trainer(cfg, out, data, model_cfg, d)
         if resume and last is not None:
             trainer.resume(last)
-        return trainer.run(progress)
+        trainer.stoppable = stop_on_sigterm
+        with sigterm_sets(trainer.stop_requested) if stop_on_sigterm else contextlib.nullcontext():
+            return trainer.run(progress)
 
 
 def better(new: dict, best: dict | None) -> bool:
@@ -102,6 +135,7 @@ class Trainer:
         self.step, self.best, self.streak, self.elapsed = 0, None, 0, 0.0
         self.loss_sum, self.loss_count = 0.0, 0  # this process's loss since the last log
         self.resumed = False
+        self.stop_requested, self.stoppable = threading.Event(), False  # set by SIGTERM (see train)
         self.metrics = out / METRICS
         self.extra = {**data.extra(), "train_config": cfg.to_dict()}  # what every checkpoint records
 
@@ -144,11 +178,21 @@ class Trainer:
             t_pause = time.perf_counter()  # evaluation and checkpoints do not count against throughput
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                 stop = self.validate(bar)
-            if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters or stop:
+            saved = self.step % cfg.save_interval == 0 or self.step == cfg.max_iters or stop
+            if saved:
                 self.save_last()
             self.t_log += time.perf_counter() - t_pause
+            if self.step < cfg.max_iters and not stop and self.should_stop():
+                if not saved:
+                    self.save_last()
+                bar.close()
+                raise TrainingStopped(self.step, self.out)
         bar.close()
         return self.finish()
+
+    def should_stop(self) -> bool:
+        """Whether a stop was requested: the master's word, so that every process stops at the same iteration."""
+        return self.stoppable and self.d.broadcast_flag(self.stop_requested.is_set(), self.device)
 
     def wrap(self) -> torch.nn.Module:
         """The module the loop trains through: the model, compiled and DDP-wrapped as configured."""

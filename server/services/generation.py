@@ -1,8 +1,10 @@
-"""ulm.v1.TextGeneration: streaming generation over the engine (backend, model thread, scheduler).
+"""ulm.v1.TextGeneration: streaming generation over the engines (backend, model thread, scheduler) of the models.
 
-A Generate call: parse and tokenize the request (server.generate_request), submit its token ids to the engine
-with a TextOutput as the sequence's listener (detokenization, stop strings), then stream the chunks it makes.
-Errors are ServiceErrors, which the server's interceptor turns into status codes.
+A Generate call: pick the engine of the model it names (server.models.ModelRegistry; empty = the default, the
+--checkpoint one, whose engine this service builds and loads at start), parse and tokenize the request
+(server.generate_request), submit its token ids to the engine with a TextOutput as the sequence's listener
+(detokenization, stop strings), then stream the chunks it makes. Errors are ServiceErrors, which the server's
+interceptor turns into status codes.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
 from server.backends import BACKENDS
 from server.backends.base import Backend
 from server.engine import Engine, EngineSettings
-from server.errors import NotFound, ResourceExhausted, Unavailable, call_end_code
+from server.errors import ResourceExhausted, Unavailable, call_end_code
 from server.generate_request import ON_LOOP_CHARS, Limits, TextRequest, parse_generate
+from server.models import ModelRegistry, model_info, registry_of
 from server.scheduler import NotAccepting, QueueFull, Scheduler
 from server.sequence import Sequence
 from server.services import ServiceSpec, register
@@ -66,7 +69,8 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         self.args = args
         self.limits = Limits(args.max_new_tokens, args.default_max_new_tokens)
         self.engine = Engine(EngineSettings(args.backend, args.checkpoint, args.device, args.max_batch,
-                                            args.max_queue, args.threads), shared.metrics)
+                                            args.max_queue, args.threads), shared.metrics)  # the default model's
+        self.models: ModelRegistry = registry_of(args, shared)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="ulm-tokenize")  # large texts, one at a time
 
     @property
@@ -81,23 +85,22 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         pb_grpc.add_TextGenerationServicer_to_server(self, server)
 
     async def start(self) -> None:
-        await self.engine.start()
+        await self.models.load_default(self.engine)
 
     async def drain(self, timeout: float) -> None:
-        await self.engine.drain(timeout)
+        """The models' engines, the default's among them, are drained and closed by the Models service."""
 
     async def close(self) -> None:
-        await self.engine.close()
         self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # -- RPCs -------------------------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        self._ready(request.model)
-        req = await self.parse(request)
-        output = TextOutput(self.engine.tokenizer, req.stop, self.engine.cancel)
-        seq = self._submit(req, output, context.time_remaining())
-        context.add_done_callback(lambda ctx: self.engine.cancel(seq, call_end_reason(ctx)))  # free the slot
+        engine = self.models.get(request.model)  # held to the end: an unloaded model drains its streams
+        req = await self.parse(request, engine)
+        output = TextOutput(engine.tokenizer, req.stop, engine.cancel)
+        seq = self._submit(engine, request.model, req, output, context.time_remaining())
+        context.add_done_callback(lambda ctx: engine.cancel(seq, call_end_reason(ctx)))  # free the slot
         try:
             while True:
                 chunk = await output.next()
@@ -109,11 +112,10 @@ class GenerationService(pb_grpc.TextGenerationServicer):
                 if chunk.finish_reason is not None:
                     return
         finally:
-            self.engine.cancel(seq, call_end_reason(context))
+            engine.cancel(seq, call_end_reason(context))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        self._ready(request.model)
-        tok = self.engine.tokenizer
+        tok = self.models.get(request.model).tokenizer
         if len(request.text) <= ON_LOOP_CHARS:
             return pb.TokenizeResponse(token_ids=(ids := tok.encode(request.text)), tokens=tok.token_strings(ids))
 
@@ -123,32 +125,25 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, tokenize)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        self._ready(request.model)
-        b = self.engine.backend
-        return pb.ModelInfo(name=b.model_name, vocab_size=b.config.vocab_size, context_length=b.config.block_size,
-                            parameter_count=b.num_params, backend=b.name, device=b.device, dtype=b.dtype,
-                            max_batch=b.max_batch, eos_token_id=b.tokenizer.eos_id, bos_token_id=b.tokenizer.bos_id)
+        engine = self.models.get(request.model)
+        return model_info(request.model or self.models.default, engine)
 
     # -- helpers ----------------------------------------------------------------------------------------
 
-    def _ready(self, model: str) -> None:
-        if not self.engine.ready:
-            raise Unavailable("the model is still loading")
-        served = self.engine.backend.model_name
-        if model and model != served:
-            raise NotFound(f"model {model!r} is not served here; this server serves {served!r}")
-
-    async def parse(self, r: pb.GenerateRequest) -> TextRequest:
+    async def parse(self, r: pb.GenerateRequest, engine: Engine | None = None) -> TextRequest:
         """Validate a request; errors name the field. A prompt that cannot fit is refused before it is tokenized."""
-        return await parse_generate(r, self.engine.tokenizer, self.engine.backend.config.block_size, self.limits,
+        engine = engine or self.engine
+        return await parse_generate(r, engine.tokenizer, engine.backend.config.block_size, self.limits,
                                     self.tokenizing)
 
-    def _submit(self, req: TextRequest, output: TextOutput, remaining: float | None) -> Sequence:
+    def _submit(self, engine: Engine, model: str, req: TextRequest, output: TextOutput,
+                remaining: float | None) -> Sequence:
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            return self.engine.submit(req.tokens(self.engine.tokenizer.eos_id, deadline), output.on_output)
+            return engine.submit(req.tokens(engine.tokenizer.eos_id, deadline), output.on_output)
         except NotAccepting as e:
-            raise Unavailable("server is shutting down") from e
+            which = f"model {model!r}" if model else "the default model"
+            raise Unavailable(f"{which} is being unloaded, or the server is shutting down") from e
         except QueueFull as e:
             raise ResourceExhausted(f"queue is full: {e} (--max-queue {self.args.max_queue})") from e
 

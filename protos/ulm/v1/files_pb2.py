@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ulm/v1/files.proto\x12\x06ulm.v1\"3\n\x10UploadFileHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\toverwrite\x18\x02 \x01(\x08\"X\n\x11UploadFileRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.ulm.v1.UploadFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"P\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\"\x12\n\x10ListFilesRequest\"4\n\x11ListFilesResponse\x12\x1f\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x10.ulm.v1.FileInfo\"\x1e\n\x0eGetFileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11\x44\x65leteFileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteFileResponse2\x80\x02\n\x05\x46iles\x12;\n\nUploadFile\x12\x19.ulm.v1.UploadFileRequest\x1a\x10.ulm.v1.FileInfo(\x01\x12@\n\tListFiles\x12\x18.ulm.v1.ListFilesRequest\x1a\x19.ulm.v1.ListFilesResponse\x12\x33\n\x07GetFile\x12\x16.ulm.v1.GetFileRequest\x1a\x10.ulm.v1.FileInfo\x12\x43\n\nDeleteFile\x12\x19.ulm.v1.DeleteFileRequest\x1a\x1a.ulm.v1.DeleteFileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ulm/v1/files.proto\x12\x06ulm.v1\"[\n\x10UploadFileHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\toverwrite\x18\x02 \x01(\x08\x12\x17\n\nsize_bytes\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_size_bytes\"X\n\x11UploadFileRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.ulm.v1.UploadFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"P\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\"\x12\n\x10ListFilesRequest\"4\n\x11ListFilesResponse\x12\x1f\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x10.ulm.v1.FileInfo\"\x1e\n\x0eGetFileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11\x44\x65leteFileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteFileResponse2\x80\x02\n\x05\x46iles\x12;\n\nUploadFile\x12\x19.ulm.v1.UploadFileRequest\x1a\x10.ulm.v1.FileInfo(\x01\x12@\n\tListFiles\x12\x18.ulm.v1.ListFilesRequest\x1a\x19.ulm.v1.ListFilesResponse\x12\x33\n\x07GetFile\x12\x16.ulm.v1.GetFileRequest\x1a\x10.ulm.v1.FileInfo\x12\x43\n\nDeleteFile\x12\x19.ulm.v1.DeleteFileRequest\x1a\x1a.ulm.v1.DeleteFileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ulm.v1.files_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPLOADFILEHEADER']._serialized_start=30
-  _globals['_UPLOADFILEHEADER']._serialized_end=81
-  _globals['_UPLOADFILEREQUEST']._serialized_start=83
-  _globals['_UPLOADFILEREQUEST']._serialized_end=171
-  _globals['_FILEINFO']._serialized_start=173
-  _globals['_FILEINFO']._serialized_end=253
-  _globals['_LISTFILESREQUEST']._serialized_start=255
-  _globals['_LISTFILESREQUEST']._serialized_end=273
-  _globals['_LISTFILESRESPONSE']._serialized_start=275
-  _globals['_LISTFILESRESPONSE']._serialized_end=327
-  _globals['_GETFILEREQUEST']._serialized_start=329
-  _globals['_GETFILEREQUEST']._serialized_end=359
-  _globals['_DELETEFILEREQUEST']._serialized_start=361
-  _globals['_DELETEFILEREQUEST']._serialized_end=394
-  _globals['_DELETEFILERESPONSE']._serialized_start=396
-  _globals['_DELETEFILERESPONSE']._serialized_end=416
-  _globals['_FILES']._serialized_start=419
-  _globals['_FILES']._serialized_end=675
+  _globals['_UPLOADFILEHEADER']._serialized_end=121
+  _globals['_UPLOADFILEREQUEST']._serialized_start=123
+  _globals['_UPLOADFILEREQUEST']._serialized_end=211
+  _globals['_FILEINFO']._serialized_start=213
+  _globals['_FILEINFO']._serialized_end=293
+  _globals['_LISTFILESREQUEST']._serialized_start=295
+  _globals['_LISTFILESREQUEST']._serialized_end=313
+  _globals['_LISTFILESRESPONSE']._serialized_start=315
+  _globals['_LISTFILESRESPONSE']._serialized_end=367
+  _globals['_GETFILEREQUEST']._serialized_start=369
+  _globals['_GETFILEREQUEST']._serialized_end=399
+  _globals['_DELETEFILEREQUEST']._serialized_start=401
+  _globals['_DELETEFILEREQUEST']._serialized_end=434
+  _globals['_DELETEFILERESPONSE']._serialized_start=436
+  _globals['_DELETEFILERESPONSE']._serialized_end=456
+  _globals['_FILES']._serialized_start=459
+  _globals['_FILES']._serialized_end=715
 # @@protoc_insertion_point(module_scope)

@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UploadFileHeader(_message.Message):
-    __slots__ = ("name", "overwrite")
+    __slots__ = ("name", "overwrite", "size_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     overwrite: bool
-    def __init__(self, name: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., overwrite: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class UploadFileRequest(_message.Message):
     __slots__ = ("header", "chunk")
