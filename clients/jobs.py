@@ -106,7 +106,8 @@ def add_commands(sub, conn: argparse.ArgumentParser) -> None:
     t.add_argument("--dataset", default="", help="a dataset's name (none for a recipe that makes its own data)")
     t.add_argument("--model", required=True, help="the name of the model it writes")
     t.add_argument("--recipe", default="", help="a training recipe, e.g. shakespeare-char")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
+    t.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, as `ulm train --set` takes them, e.g. --set lr=3e-4 max_iters=500")
     t.add_argument("--seed", type=int)
     t.add_argument("--nproc", type=int, default=1, help="processes (torchrun on the server)")
     t.add_argument("--resume-from", default="", help="a model's name: continue its run")

@@ -1,8 +1,10 @@
 """`jobs watch` (and every `--watch`): a live tqdm progress bar from the WatchJob stream.
 
 The bar counts training steps (loss, learning rate, tokens/s and the server's ETA beside it); evaluations and
-the job's log lines are printed above it. The watch ends with the job: exit code 0 when it SUCCEEDED, 1 with its
-error otherwise. Leaving a watch (Ctrl-C) leaves the job running; `jobs watch ID` comes back to it.
+the job's log lines are printed above it. Where stderr is not a terminal (a log file, CI) there is no bar, whose
+redraws would become lines, but plain lines: each state change, a step line at most every LINE_INTERVAL_S.
+The watch ends with the job: exit code 0 when it SUCCEEDED, 1 with its error otherwise. Leaving a watch
+(Ctrl-C) leaves the job running; `jobs watch ID` comes back to it.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ ENDED = {jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED,
 NO_TOTAL_FORMAT = "{desc}[{elapsed}]"  # tqdm ends desc with ": "
 STEPS_FORMAT = "{desc}{n_fmt} steps [{elapsed}{postfix}]"
 ASK_TOTAL_EVERY_S = 1.0
+LINE_INTERVAL_S = 15.0
 
 
 def state_name(state: int) -> str:
@@ -37,8 +40,18 @@ class ProgressView:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.bar: tqdm | None = None
+        self.plain = not getattr(self.stream, "isatty", lambda: False)()
+        self.total, self.state, self.line_t = 0, None, -float("inf")
 
     def job(self, job: jpb.Job) -> None:
+        if self.plain:
+            self.total = job.progress.total or self.total
+            if job.state != self.state:
+                self.state = job.state
+                steps = f" at step {job.progress.step}/{self.total}" if self.total else ""
+                print(f"job {job.id} {kind_name(job.kind)} {state_name(job.state)}{steps}", file=self.stream,
+                      flush=True)
+            return
         if self.bar is None:
             self.bar = tqdm(total=job.progress.total or None, initial=job.progress.step, unit="step", desc=job.id,
                             file=self.stream, dynamic_ncols=True, leave=True,
@@ -53,9 +66,17 @@ class ProgressView:
 
     @property
     def has_total(self) -> bool:
-        return self.bar is not None and bool(self.bar.total)
+        return bool(self.total) if self.plain else self.bar is not None and bool(self.bar.total)
 
     def step(self, event: jpb.StepEvent) -> None:
+        if self.plain:
+            last = bool(self.total) and event.step >= self.total
+            if last or time.monotonic() - self.line_t >= LINE_INTERVAL_S:
+                self.line_t = time.monotonic()
+                print(f"step {event.step}{f'/{self.total}' if self.total else ''}: loss {event.loss:.4f}, "
+                      f"lr {event.learning_rate:.2e}, {event.tokens_per_s:.0f} tok/s, eta {duration(event.eta_s)}",
+                      file=self.stream, flush=True)
+            return
         if self.bar is None:
             return
         if not self.has_total:
@@ -70,7 +91,10 @@ class ProgressView:
                    f"perplexity {event.val_perplexity:.2f}{accuracy}")
 
     def write(self, line: str) -> None:
-        tqdm.write(line.rstrip("\n"), file=sys.stdout)
+        if self.plain:
+            print(line.rstrip("\n"), flush=True)
+        else:
+            tqdm.write(line.rstrip("\n"), file=sys.stdout)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -127,8 +127,14 @@ def test_models_list_load_unload_delete(server, services, capsys):
     assert "toy-a" not in out
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_view_shows_steps_and_prints_lines_above(capsys):
-    view = ProgressView()
+    terminal = Terminal()
+    view = ProgressView(terminal)
     view.job(jpb.Job(id="j1", kind=jpb.JOB_KIND_TRAINING, state=jpb.JOB_STATE_RUNNING,
                      progress=jpb.JobProgress(step=0, total=100)))
     view.step(jpb.StepEvent(step=40, loss=1.2345, learning_rate=3e-4, tokens_per_s=1500, eta_s=75))
@@ -136,9 +142,29 @@ def test_progress_view_shows_steps_and_prints_lines_above(capsys):
     view.eval(jpb.EvalEvent(step=40, val_loss=1.5, val_perplexity=4.48))
     assert view.bar.n == 40 and view.bar.total == 100
     view.close()
-    out, err = capsys.readouterr()
+    out, _ = capsys.readouterr()
+    bar = terminal.getvalue()
     assert out.splitlines() == ["a line the job printed", "eval at step 40: val loss 1.5000, perplexity 4.48"]
-    assert "j1 training RUNNING" in err and "loss 1.2345" in err and "eta 1:15" in err and "40/100" in err
+    assert "j1 training RUNNING" in bar and "loss 1.2345" in bar and "eta 1:15" in bar and "40/100" in bar
+
+
+def test_progress_view_writes_plain_lines_where_there_is_no_terminal(capsys):
+    view = ProgressView()  # stderr under capsys: not a terminal
+    running = jpb.Job(id="j1", kind=jpb.JOB_KIND_TRAINING, state=jpb.JOB_STATE_RUNNING,
+                      progress=jpb.JobProgress(step=0, total=100))
+    view.job(running)
+    for step in range(10, 101, 10):
+        view.step(jpb.StepEvent(step=step, loss=1.0, learning_rate=3e-4, tokens_per_s=1500, eta_s=5))
+    view.job(running)  # the same state again: no new line
+    view.job(jpb.Job(id="j1", kind=jpb.JOB_KIND_TRAINING, state=jpb.JOB_STATE_SUCCEEDED,
+                     progress=jpb.JobProgress(step=100, total=100)))
+    view.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == ["job j1 training RUNNING at step 0/100",
+                                "step 10/100: loss 1.0000, lr 3.00e-04, 1500 tok/s, eta 0:05",
+                                "step 100/100: loss 1.0000, lr 3.00e-04, 1500 tok/s, eta 0:05",
+                                "job j1 training SUCCEEDED at step 100/100"]
 
 
 def test_datasets_create_watch_and_train(server, services, tmp_path, capsys):
