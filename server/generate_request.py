@@ -1,13 +1,13 @@
 """A Generate call's request, validated and tokenized: every error is InvalidArgument naming the field.
 
 A prompt that cannot fit the context is refused from its length in characters, before it is tokenized; a long
-text is tokenized in a thread, so that the event loop keeps serving the other calls meanwhile.
+text is tokenized by `encode_large` (the tokenizer worker process), so that the event loop keeps serving the other
+calls meanwhile.
 """
 from __future__ import annotations
 
-import asyncio
 import math
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from protos.ulm.v1 import text_generation_pb2 as pb
@@ -18,7 +18,8 @@ from ulm.tokenizer import Tokenizer
 
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
-ON_LOOP_CHARS = 4096  # longer texts are tokenized in a thread: on the event loop they would stall every call
+ON_LOOP_CHARS = 4096  # longer texts are tokenized in the worker process: on the event loop they would stall calls
+LargeEncoder = Callable[[str], Awaitable[list[int]]]
 
 
 @dataclass
@@ -39,10 +40,8 @@ class TextRequest:
         return TokenRequest(self.prompt_ids, self.max_new_tokens, self.params, eos_id, deadline)
 
 
-async def encode(tokenizer: Tokenizer, text: str, executor: Executor) -> list[int]:
-    if len(text) <= ON_LOOP_CHARS:
-        return tokenizer.encode(text)
-    return await asyncio.get_running_loop().run_in_executor(executor, tokenizer.encode, text)
+async def encode(tokenizer: Tokenizer, text: str, encode_large: LargeEncoder) -> list[int]:
+    return tokenizer.encode(text) if len(text) <= ON_LOOP_CHARS else await encode_large(text)
 
 
 def sampling_params(r: pb.GenerateRequest) -> SamplingParams:
@@ -66,11 +65,11 @@ def stop_strings(stop: list[str]) -> list[str]:
     return list(stop)
 
 
-async def prompt_ids(prompt: str, tokenizer: Tokenizer, context: int, executor: Executor) -> list[int]:
+async def prompt_ids(prompt: str, tokenizer: Tokenizer, context: int, encode_large: LargeEncoder) -> list[int]:
     if len(prompt) > context * tokenizer.max_token_chars:  # cheap: no tokenizing of what cannot fit anyway
         raise InvalidArgument(f"prompt ({len(prompt)} characters) cannot fit the context length {context} "
                               f"(a token holds at most {tokenizer.max_token_chars} characters)")
-    ids = await encode(tokenizer, prompt, executor)
+    ids = await encode(tokenizer, prompt, encode_large)
     if not ids:
         raise InvalidArgument("prompt must not be empty")
     if len(ids) > context:
@@ -86,9 +85,9 @@ def max_new_tokens(asked: int, limits: Limits) -> int:
 
 
 async def parse_generate(r: pb.GenerateRequest, tokenizer: Tokenizer, context: int, limits: Limits,
-                         executor: Executor) -> TextRequest:
+                         encode_large: LargeEncoder) -> TextRequest:
     """The request the scheduler and the text output need; the first check that fails, in this order, raises."""
     params = sampling_params(r)
     stop = stop_strings(list(r.stop))
-    ids = await prompt_ids(r.prompt, tokenizer, context, executor)
+    ids = await prompt_ids(r.prompt, tokenizer, context, encode_large)
     return TextRequest(ids, max_new_tokens(r.max_new_tokens, limits), params, stop)

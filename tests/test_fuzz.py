@@ -48,7 +48,6 @@ def service(tmp_path_factory):
     s = GenerationService(args, Shared(Metrics(), DataRoot(tmp_path_factory.mktemp("root"))))
     s.engine.backend = load_backend("torch", checkpoint, "cpu", 4)
     yield s
-    s.tokenizing.shutdown()
 
 
 @FUZZ

@@ -7,12 +7,12 @@ import threading
 import time
 
 import grpc
+import psutil
 import pytest
-from server_fixture import CONTEXT, InProcessServer, make_toy_checkpoint
+from server_fixture import CONTEXT, InProcessServer, SubprocessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from server.services.generation import serialized_in_parts
 from ulm.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -80,18 +80,32 @@ def test_a_large_tokenize_neither_stalls_other_calls_nor_loses_tokens(server, st
     worker.join()
     tokenizer = load_checkpoint(checkpoint)[1]
     ids = tokenizer.encode(text)
-    assert list(result["response"].token_ids) == ids  # the response was serialized in parts
+    assert list(result["response"].token_ids) == ids  # serialized by the worker process, passed through
     assert list(result["response"].tokens) == tokenizer.token_strings(ids)
     assert len(latencies) > 3 and max(latencies) < 0.5, max(latencies)  # the whole encode held the GIL: seconds
 
 
-def test_serialized_in_parts_parses_as_the_whole_message():
-    ids, tokens = list(range(50_000)), [f"t{i}" for i in range(50_000)]
-    whole = pb.TokenizeResponse(token_ids=ids, tokens=tokens)
-    parts = serialized_in_parts(pb.TokenizeResponse, part=1000, token_ids=ids, tokens=tokens)
-    assert pb.TokenizeResponse.FromString(parts) == whole
-    assert pb.TokenizeResponse.FromString(serialized_in_parts(pb.TokenizeResponse, token_ids=[], tokens=[])) == (
-        pb.TokenizeResponse())
+def test_large_texts_are_tokenized_by_the_worker_process_not_the_server(checkpoint):
+    # CPU time, not latency: the server process's own share stays small whatever else the machine runs
+    server = SubprocessServer(["--checkpoint", str(checkpoint), "--max-request-bytes", str(LIMIT)])
+    try:
+        with grpc.insecure_channel(server.target, options=OPTIONS) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            prompt = text_of(CONTEXT)[:CONTEXT - 1] + " " * (8192 - CONTEXT)  # over ON_LOOP_CHARS, fits
+            assert stub.Tokenize(pb.TokenizeRequest(text=prompt), timeout=60).token_ids  # starts the worker
+            proc = psutil.Process(server.proc.pid)
+            (worker,) = proc.children()
+            before = proc.cpu_times(), worker.cpu_times()
+            for _ in range(3):
+                stub.Tokenize(pb.TokenizeRequest(text=text_of(LIMIT - 100)), timeout=60)
+            after = proc.cpu_times(), worker.cpu_times()
+    finally:
+        server.terminate()
+        server.proc.wait(30)
+        server.close()
+    server_s, worker_s = (sum(a[:2]) - sum(b[:2]) for a, b in zip(after, before))
+    print(f"server {server_s:.3f} s, worker {worker_s:.3f} s")
+    assert server_s < 0.25 * worker_s, (server_s, worker_s)
 
 
 def test_a_request_over_the_size_limit_is_refused_and_counted(server, stub):

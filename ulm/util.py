@@ -7,8 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: readers see the old file or the new one, never a part."""
@@ -98,6 +96,8 @@ def usable_cores() -> int:
 
 def set_threads(threads: int | None = None, processes: int = 1) -> int:
     """torch's intra-op threads: `threads`, or the usable cores shared among `processes` on this machine."""
+    import torch  # here: the rest of this module serves processes without torch (the tokenizer worker)
+
     n = threads or max(1, usable_cores() // processes)
     torch.set_num_threads(n)
     return n

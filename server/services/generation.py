@@ -9,9 +9,8 @@ interceptor turns into status codes.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -28,6 +27,7 @@ from server.sequence import Sequence
 from server.services import ServiceSpec, register
 from server.shared import Shared
 from server.text_output import Chunk, TextOutput
+from server.tokenize_worker import TokenizeWorker
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 
@@ -71,7 +71,7 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         self.engine = Engine(EngineSettings(args.backend, args.checkpoint, args.device, args.max_batch,
                                             args.max_queue, args.threads), shared.metrics)  # the default model's
         self.models: ModelRegistry = registry_of(args, shared)
-        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="ulm-tokenize")  # large texts, one at a time
+        self.tokenizing = TokenizeWorker()  # large texts, in a process of their own
 
     @property
     def backend(self) -> Backend | None:
@@ -91,7 +91,7 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         """The models' engines, the default's among them, are drained and closed by the Models service."""
 
     async def close(self) -> None:
-        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+        await self.tokenizing.close()
 
     # -- RPCs -------------------------------------------------------------------------------------------
 
@@ -115,14 +115,11 @@ class GenerationService(pb_grpc.TextGenerationServicer):
             engine.cancel(seq, call_end_reason(context))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        tok = self.models.get(request.model).tokenizer
+        engine = self.models.get(request.model)
+        tok = engine.tokenizer
         if len(request.text) <= ON_LOOP_CHARS:
             return pb.TokenizeResponse(token_ids=(ids := tok.encode(request.text)), tokens=tok.token_strings(ids))
-
-        def tokenize() -> bytes:
-            ids = tok.encode(request.text)
-            return serialized_in_parts(pb.TokenizeResponse, token_ids=ids, tokens=tok.token_strings(ids))
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, tokenize)
+        return await self.tokenizing.tokenize_response(engine.settings.checkpoint, request.text)  # serialized
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         engine = self.models.get(request.model)
@@ -134,7 +131,7 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         """Validate a request; errors name the field. A prompt that cannot fit is refused before it is tokenized."""
         engine = engine or self.engine
         return await parse_generate(r, engine.tokenizer, engine.backend.config.block_size, self.limits,
-                                    self.tokenizing)
+                                    functools.partial(self.tokenizing.encode, engine.settings.checkpoint))
 
     def _submit(self, engine: Engine, model: str, req: TextRequest, output: TextOutput,
                 remaining: float | None) -> Sequence:
@@ -150,14 +147,6 @@ class GenerationService(pb_grpc.TextGenerationServicer):
 
 def call_end_reason(context: grpc.aio.ServicerContext) -> str:
     return "deadline" if call_end_code(context) == grpc.StatusCode.DEADLINE_EXCEEDED else "cancelled"
-
-
-def serialized_in_parts(message, part: int = 16384, **fields: list) -> bytes:
-    """A message of long repeated fields, serialized a slice at a time so that other threads run between slices:
-    protobuf parses concatenated serializations as one message whose repeated fields are concatenated."""
-    n = max(map(len, fields.values()))
-    return b"".join(message(**{k: v[i:i + part] for k, v in fields.items()}).SerializeToString()
-                    for i in range(0, max(n, 1), part))
 
 
 def to_response(chunk: Chunk) -> pb.GenerateResponse:
