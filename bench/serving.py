@@ -54,10 +54,11 @@ GRPC_OVERHEAD, SCALING = 0.10, 6.0  # targets: streaming cost over in-process at
 class Server:
     """`python -m server` on a free loopback port, logging to a file; stopped with SIGTERM."""
 
-    def __init__(self, kind: str, directory: Path, device: str, threads: int, max_batch: int | None, log: Path):
+    def __init__(self, kind: str, directory: Path, device: str, threads: int, max_batch: int | None, log: Path,
+                 extra: tuple[str, ...] = ()):
         self.log = log
         args = [sys.executable, "-m", "server", "--backend", kind, "--checkpoint", str(directory), "--port", "0",
-                "--device", device, "--threads", str(threads), "--log-level", "INFO"]
+                "--device", device, "--threads", str(threads), "--log-level", "INFO", *extra]
         if max_batch:
             args += ["--max-batch", str(max_batch)]
         log.parent.mkdir(parents=True, exist_ok=True)

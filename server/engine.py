@@ -7,7 +7,6 @@ run several engines (one per loaded model, server/models.py); their schedulers s
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from server.metrics import Metrics
 from server.scheduler import Scheduler
 from server.sequence import Listener, Sequence, TokenRequest
 from ulm.tokenizer import Tokenizer
+from ulm.util import usable_cores
 
 
 @dataclass
@@ -34,7 +34,7 @@ class EngineSettings:
 def load_warm(settings: EngineSettings) -> Backend:
     """In the model thread: the backend, loaded with every core (the event loop's work fits in the gaps, as it
     overlaps the next decode step), then its own thread count for sampling, then warmed up."""
-    torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(settings.threads or usable_cores())
     backend = load_backend(settings.backend, settings.checkpoint, settings.device, settings.max_batch, serving=True)
     if backend.torch_threads:
         torch.set_num_threads(backend.torch_threads)
@@ -92,8 +92,17 @@ class Engine:
         except BaseException:
             executor.shutdown(wait=False)  # a model that failed to load leaves no thread behind
             raise
+        self.executor = executor
         self.scheduler = Scheduler(self.backend, self.settings.max_queue, self.metrics, executor)
         self.scheduler.start()
+
+    def share_cores(self, taken: int) -> None:
+        """`taken` cores now run jobs: a torch model on one thread per core (--threads 0) steps back to the others,
+        so that its OpenMP threads never wait for a core a training job holds (ITL p95 grew 10x; docs/pipelines.md).
+        Set in the model thread, between two steps (OpenMP's count is per thread)."""
+        if self.settings.threads or self.backend is None or self.backend.torch_threads is not None:
+            return
+        self.executor.submit(torch.set_num_threads, max(1, usable_cores() - taken))
 
     def submit(self, req: TokenRequest, listener: Listener) -> Sequence:
         """Raises scheduler.NotAccepting (draining) or scheduler.QueueFull."""

@@ -86,6 +86,7 @@ class ModelRegistry:
         self.loading: set[str] = set()
         self.deleting: set[str] = set()
         self.closed = False
+        self.cores_taken = 0  # by running jobs (share_cores)
 
     # -- routing ------------------------------------------------------------------------------------------
 
@@ -136,6 +137,7 @@ class ModelRegistry:
         name = engine.backend.model_name
         self.reserved[name], self.sources[name], self.engines[name] = estimate, source, engine
         self.default = name
+        engine.share_cores(self.cores_taken)
         log.info("default model %r loaded (about %s MiB)", name, mib(estimate))
         if estimate > self.memory_budget:  # it is loaded anyway (the server was started with it); say why no other is
             log.warning("the default model alone takes about %s MiB, over --model-memory-mb (%s MiB): every "
@@ -173,6 +175,7 @@ class ModelRegistry:
             await engine.close()
             raise Unavailable("server is shutting down")
         self.engines[name] = engine
+        engine.share_cores(self.cores_taken)
         log.info("model %r loaded (%s on %s, %d slots, about %s MiB)", name, backend, device, max_batch,
                  mib(estimate))
         return engine
@@ -226,6 +229,12 @@ class ModelRegistry:
             self.deleting.discard(name)
 
     # -- the server's life --------------------------------------------------------------------------------
+
+    def share_cores(self, taken: int) -> None:
+        """Jobs now hold `taken` cores: every loaded model that sizes its threads by the cores leaves them free."""
+        self.cores_taken = taken
+        for engine in self.engines.values():
+            engine.share_cores(taken)
 
     async def drain(self, timeout: float) -> None:
         await asyncio.gather(*(e.drain(timeout) for e in list(self.engines.values())))

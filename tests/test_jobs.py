@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from server_fixture import InProcessServer, SubprocessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import jobs_pb2 as jpb
@@ -20,6 +21,7 @@ from protos.ulm.v1 import jobs_pb2_grpc
 from protos.ulm.v1 import text_generation_pb2 as gpb
 from protos.ulm.v1 import text_generation_pb2_grpc as gpb_grpc
 from ulm.data.build import build_dataset
+from ulm.util import usable_cores
 
 S = jpb.JobState
 ENDED = {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED, S.JOB_STATE_INTERRUPTED}
@@ -112,6 +114,12 @@ def wait_ended(stub, name: str, timeout: float = 120) -> jpb.Job:
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
     return job
+
+
+def model_threads(server) -> int:
+    """The default model's torch threads, read in its model thread (OpenMP's count is per thread)."""
+    engine = next(s for s in server.app.services if s.name == "ulm.v1.TextGeneration").engine
+    return engine.executor.submit(torch.get_num_threads).result(10)
 
 
 def code_of(call) -> tuple[grpc.StatusCode, str]:
@@ -267,6 +275,7 @@ def test_a_full_queue_is_refused_and_generation_flows_while_a_job_trains(server,
     code, details = code_of(lambda: start(stub, "third"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queued-jobs" in details
     Watcher(stub, running.name).wait_for(has_steps)
+    assert model_threads(server) == max(1, usable_cores() - 1)  # the job's core (--job-threads 1) is left to it
     with grpc.insecure_channel(server.target) as channel:
         gen = gpb_grpc.TextGenerationStub(channel)
         for _ in range(3):
@@ -274,6 +283,10 @@ def test_a_full_queue_is_refused_and_generation_flows_while_a_job_trains(server,
     assert stub.CancelJob(jpb.CancelJobRequest(name=queued.name), timeout=10).state == S.JOB_STATE_CANCELLED
     stub.CancelJob(jpb.CancelJobRequest(name=running.name), timeout=30)
     assert wait_ended(stub, running.name).state == S.JOB_STATE_CANCELLED
+    deadline = time.monotonic() + 10
+    while model_threads(server) != usable_cores() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert model_threads(server) == usable_cores()  # every core again once no job runs
     # listing: filters, then every job once across pages, newest first
     cancelled = stub.ListJobs(jpb.ListJobsRequest(state=S.JOB_STATE_CANCELLED), timeout=10).jobs
     assert {queued.id, running.id} <= {j.id for j in cancelled}

@@ -50,7 +50,7 @@ FOLLOW_S = 1.0  # how often a server that does not run the jobs reads a watched 
 
 class JobManager:
     def __init__(self, args: argparse.Namespace, shared: Shared):
-        self.root = shared.data_root
+        self.root, self.shared = shared.data_root, shared
         self.max_running, self.max_queued = args.max_jobs, args.max_queued_jobs
         self.threads, self.grace = args.job_threads, args.job_cancel_grace
         if self.max_running < 1 or self.max_queued < 0 or self.threads < 1 or self.grace < 0:
@@ -269,6 +269,7 @@ class JobManager:
             return
         log.info("job %s (%s) running: pid %d", rec.id, rec.spec.kind, rec.pgid)
         self.children[rec.id] = child
+        self._share_cores()
         self._change(rec, "RUNNING", started_at=time.time())
         self.tasks[rec.id] = asyncio.get_running_loop().create_task(self._supervise(rec, child))
 
@@ -295,7 +296,13 @@ class JobManager:
         finally:
             self.children.pop(rec.id, None)
             self.tasks.pop(rec.id, None)
+            self._share_cores()
             self._pump()
+
+    def _share_cores(self) -> None:
+        """Tell the loaded models how many cores the running jobs hold (--job-threads each)."""
+        if self.shared.models is not None:
+            self.shared.models.share_cores(self.threads * len(self.children))
 
     def _output(self, rec: JobRecord, tracker: TrainingProgress | None, lines: list[str], records: list[dict]):
         events = []
