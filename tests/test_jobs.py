@@ -16,8 +16,10 @@ import pytest
 import torch
 from server_fixture import InProcessServer, SubprocessServer, make_toy_checkpoint
 
+from protos.ulm.v1 import datasets_pb2 as dpb
+from protos.ulm.v1 import datasets_pb2_grpc, jobs_pb2_grpc, models_pb2_grpc
 from protos.ulm.v1 import jobs_pb2 as jpb
-from protos.ulm.v1 import jobs_pb2_grpc
+from protos.ulm.v1 import models_pb2 as mpb
 from protos.ulm.v1 import text_generation_pb2 as gpb
 from protos.ulm.v1 import text_generation_pb2_grpc as gpb_grpc
 from ulm.data.build import build_dataset
@@ -116,6 +118,13 @@ def wait_ended(stub, name: str, timeout: float = 120) -> jpb.Job:
     return job
 
 
+def listed_resources(channel) -> tuple[list[str], list[str]]:
+    """The names ListDatasets and ListModels give."""
+    datasets = datasets_pb2_grpc.DatasetsStub(channel).ListDatasets(dpb.ListDatasetsRequest(), timeout=10).datasets
+    models = models_pb2_grpc.ModelsStub(channel).ListModels(mpb.ListModelsRequest(), timeout=10).models
+    return [d.name for d in datasets], [m.name for m in models]
+
+
 def model_threads(server) -> int:
     """The default model's torch threads, read in its model thread (OpenMP's count is per thread)."""
     engine = next(s for s in server.app.services if s.name == "ulm.v1.TextGeneration").engine
@@ -198,6 +207,7 @@ def test_a_killed_server_leaves_the_job_interrupted_and_resumable(setup, referen
         job = start(stub, "k")
         queued = start(stub, "q", tiny(20))  # waits for the one slot
         Watcher(stub, job.name).wait_for(has_steps)
+        listed_before = listed_resources(channel)
         first.proc.kill()  # SIGKILL: no shutdown at all
         first.proc.wait(10)
         channel.close()
@@ -217,6 +227,9 @@ def test_a_killed_server_leaves_the_job_interrupted_and_resumable(setup, referen
             events = list(stub.WatchJob(jpb.WatchJobRequest(name=job.name, replay_all=True), timeout=30))
             assert states(events) == ["QUEUED", "RUNNING", "INTERRUPTED", "QUEUED", "RUNNING", "SUCCEEDED"]
             assert steps(events) == steps(reference["events"])  # it had saved its checkpoint on the way out
+            datasets, models = listed_resources(channel)
+            assert datasets == listed_before[0] == ["chars"]
+            assert set(listed_before[1]) <= set(models) and {"k", "q"} <= set(models)
     finally:
         second.terminate()
         second.proc.wait(30)
