@@ -10,6 +10,7 @@ import sys
 from server import auth
 from server.app import MAX_REQUEST_BYTES, App
 from server.data_root import DataRoot, default_data_root
+from server.http import server as http_server
 from server.jobs.manager import JobManager
 from server.metrics import Metrics
 from server.models import ModelRegistry
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uploads, datasets, models, job logs and the job database live here, and nothing a "
                         "request names is read or written outside it")
     auth.add_arguments(p)
+    http_server.add_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for spec in discover().values():
         if spec.add_arguments is not None:
@@ -50,7 +52,7 @@ def build_app(args: argparse.Namespace) -> App:
     shared.models = ModelRegistry(args, shared)
     services = [spec.build(args, shared) for spec in discover().values()]
     return App(services, shared.metrics, args.host, args.port, args.metrics_port, args.max_request_bytes,
-               security)
+               security, http_server.from_args(args))
 
 
 def default_checkpoint() -> str:

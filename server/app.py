@@ -6,7 +6,8 @@ bearer token first (server/auth.py; health and reflection stay open), refuses ca
 ServiceError into its status code (anything else into INTERNAL, logged), and counts every call by method and
 final status code. It also parses the requests itself, so that one that is too large or undecodable reaches the
 handler as an error (counted, with a one-line status) instead of failing inside gRPC (uncounted, UNKNOWN and a
-traceback).
+traceback). With --http-port the same services answer over HTTP too (server/http, which shares check_accepting and
+internal_error with the interceptor): started here, stopped after the drain with what is left of the grace.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.auth import Security
-from server.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable, call_end_code
+from server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError, Unavailable, call_end_code
 from server.metrics import Metrics
 from server.services import Service
 
@@ -33,7 +34,7 @@ CORE_LIMIT_FACTOR = 4  # gRPC refuses (uncounted) only requests this many times 
 class App:
     def __init__(self, services: list[Service], metrics: Metrics, host: str = "127.0.0.1", port: int = 50051,
                  metrics_port: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-                 security: Security | None = None):
+                 security: Security | None = None, http=None):
         if max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
         self.services = services
@@ -46,6 +47,8 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self._prefixes = tuple(f"/{s.name}/" for s in services)
+        self.http = http  # server.http.server.HttpServer: the same services over HTTP (--http-port), or None
+        self.http_port: int | None = None
 
     def owns(self, method: str) -> bool:
         return method.startswith(self._prefixes)
@@ -70,6 +73,8 @@ class App:
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
             log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_port)
+        if self.http is not None:
+            self.http_port = await self.http.start(self)
         log.info("listening on %s:%d%s", self.host, self.port, " (TLS)" if credentials is not None else "")
         t0 = time.perf_counter()
         await asyncio.gather(*(s.start() for s in self.services))
@@ -88,8 +93,10 @@ class App:
         await self.health.enter_graceful_shutdown()
         t0 = time.monotonic()
         await asyncio.gather(*(s.drain(grace) for s in self.services))
-        if self.server is not None:  # the streams are done: this only lets their last messages go out
-            await self.server.stop(max(1.0, grace - (time.monotonic() - t0)))
+        left = max(1.0, grace - (time.monotonic() - t0))
+        # the streams are done: this only lets their last messages go out (over HTTP, a closed connection too)
+        await asyncio.gather(self.server.stop(left) if self.server is not None else asyncio.sleep(0),
+                             self.http.stop(left) if self.http is not None else asyncio.sleep(0))
         await asyncio.gather(*(s.close() for s in self.services))
         self.metrics.close()
         log.info("stopped")
@@ -165,10 +172,7 @@ class _Outcome:
         self.counted = False
 
     def check_accepting(self) -> None:
-        # the token first: a caller without one learns nothing, not even that the server drains
-        self.app.security.authenticate(self.context.invocation_metadata())
-        if self.app.draining:
-            raise Unavailable("server is shutting down")
+        check_accepting(self.app, self.context.invocation_metadata())
 
     async def fail(self, e: BaseException) -> None:
         """Record the code and re-raise, or abort with the code the exception maps to."""
@@ -178,11 +182,8 @@ class _Outcome:
         if isinstance(e, grpc.aio.AbortError):  # the handler aborted by itself
             self.code = self.context.code() or grpc.StatusCode.UNKNOWN
             raise e
-        if isinstance(e, ServiceError):
-            self.code, message = e.code, e.message
-        else:
-            log.exception("%s failed", self.method)
-            self.code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        error = e if isinstance(e, ServiceError) else internal_error(self.method, e)
+        self.code, message = error.code, error.message
         self.count()  # before the client can see the status
         await self.context.abort(self.code, message)
 
@@ -191,6 +192,24 @@ class _Outcome:
         if not self.counted:
             self.counted = True
             self.app.metrics.requests.labels(self.method.lstrip("/"), self.code.name).inc()
+
+
+def check_accepting(app: App, metadata) -> None:
+    """Raise unless the server takes this call now (gRPC and HTTP alike)."""
+    # the token first: a caller without one learns nothing, not even that the server drains
+    app.security.authenticate(metadata)
+    if app.draining:
+        raise Unavailable("server is shutting down")
+
+
+def internal_error(method: str, e: BaseException) -> Internal:
+    """An exception that is no ServiceError, logged with its traceback, as the INTERNAL error the client sees."""
+    log.error("%s failed", method, exc_info=e)
+    return Internal(f"internal error: {type(e).__name__}: {e}")
+
+
+def request_too_large(size: int, limit: int) -> ResourceExhausted:
+    return ResourceExhausted(f"request is {size} bytes, over this server's limit of {limit} (--max-request-bytes)")
 
 
 class Unparsed:
@@ -208,8 +227,7 @@ class RequestParser:
 
     def __call__(self, data: bytes):
         if len(data) > self.limit:
-            return Unparsed(ResourceExhausted(f"request is {len(data)} bytes, over this server's limit of "
-                                              f"{self.limit} (--max-request-bytes)"))
+            return Unparsed(request_too_large(len(data), self.limit))
         try:
             return self.deserialize(data) if self.deserialize is not None else data
         except Exception as e:  # protobuf's DecodeError, e.g. a string field that is not UTF-8

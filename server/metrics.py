@@ -13,6 +13,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("ulm_requests", "RPCs handled, by method and status code", ["method", "code"],
                                 registry=r)
+        self.http_requests = Counter("ulm_http_requests", "HTTP requests handled, by route (verb and path template) "
+                                     "and HTTP status", ["route", "code"], registry=r)
         self.queue_depth = Gauge("ulm_queue_depth", "Generate requests waiting for a batch slot", registry=r)
         self.running = Gauge("ulm_running_requests", "Generate requests holding a batch slot", registry=r)
         self.finished = Counter("ulm_finished_requests", "Generate requests that left the scheduler, by reason",

@@ -86,6 +86,11 @@ class InProcessServer:
         return f"http://127.0.0.1:{self.app.metrics_port}/metrics"
 
     @property
+    def http_url(self) -> str:
+        """The HTTP face's base URL (argv must include --http-port)."""
+        return f"http://127.0.0.1:{self.app.http_port}"
+
+    @property
     def scheduler(self):
         return next(s for s in self.app.services if s.name == "ulm.v1.TextGeneration").scheduler
 
@@ -112,11 +117,13 @@ class SubprocessServer:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.log: list[str] = []
-        self.port = self.metrics_port = None
+        self.port = self.metrics_port = self.http_port = None
         for line in self.proc.stderr:
             self.log.append(line)
             if m := re.search(r"metrics on http://[\d.]+:(\d+)", line):
                 self.metrics_port = int(m.group(1))
+            if m := re.search(r"http on https?://[\d.]+:(\d+)", line):  # with --http-port
+                self.http_port = int(m.group(1))
             if m := re.search(r"listening on [\d.]+:(\d+)", line):
                 self.port = int(m.group(1))
                 break
@@ -133,6 +140,10 @@ class SubprocessServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
