@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from server_fixture import InProcessServer, make_toy_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-EXAMPLES = 25  # per operation and mode: about 30 operations, well under a minute in all
+EXAMPLES = 12  # per operation and mode: about 30 operations, seconds in all
 LONG_RUNNING = r"^/ulm/v1/(jobs:(train|export)|datasets)$"  # POST: they start jobs (child processes)
 STREAMING_UNTIL_A_JOB_ENDS = r"^/ulm/v1/jobs/\{id\}:watch$"
 # derandomized: the same examples every run; not shrunk (each failure is reported with the request to repeat it)

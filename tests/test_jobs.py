@@ -27,7 +27,7 @@ from ulm.util import usable_cores
 
 S = jpb.JobState
 ENDED = {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED, S.JOB_STATE_INTERRUPTED}
-ITERS = 1000  # long enough (a couple of seconds) that a cancel lands mid-run
+ITERS = 500  # long enough (a couple of seconds) that a cancel lands mid-run
 
 
 def tiny(max_iters: int = ITERS, *extra: str) -> list[str]:
@@ -316,19 +316,6 @@ def test_a_full_queue_is_refused_and_generation_flows_while_a_job_trains(server,
     assert paged == [j.id for j in everything.jobs]
     kinds = stub.ListJobs(jpb.ListJobsRequest(kind=jpb.JOB_KIND_EXPORT), timeout=10).jobs
     assert all(j.kind == jpb.JOB_KIND_EXPORT for j in kinds)
-
-
-def test_an_export_job_writes_the_int8_model(setup, stub, reference):
-    job = stub.StartExport(jpb.StartExportRequest(model="ref", quantize="int8"), timeout=10)
-    done = wait_ended(stub, job.name, timeout=300)
-    assert done.state == S.JOB_STATE_SUCCEEDED and done.result == "ref-int8", done.error
-    manifest = json.loads((setup["root"] / "models" / "ref-int8" / "manifest.json").read_text())
-    assert "int8" in json.dumps(manifest)
-    assert [j.id for j in stub.ListJobs(jpb.ListJobsRequest(kind=jpb.JOB_KIND_EXPORT), timeout=10).jobs] == [job.id]
-    code, _ = code_of(lambda: stub.ResumeJob(jpb.ResumeJobRequest(name=job.name)))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION
-    code, details = code_of(lambda: stub.StartExport(jpb.StartExportRequest(model="ref", quantize="int8")))
-    assert code == grpc.StatusCode.ALREADY_EXISTS and "name" in details
 
 
 def test_a_training_job_with_two_processes_runs_under_torchrun(stub):

@@ -101,6 +101,12 @@ def test_from_raw_text_to_served_models(channel):
     exported = final_job(watch(jobs, export.name))
     assert exported.state == S.JOB_STATE_SUCCEEDED, exported.error
     onnx_name = exported.result
+    with pytest.raises(grpc.RpcError) as again:  # an export is done once: no resume, no second export of the name
+        jobs.ResumeJob(jpb.ResumeJobRequest(name=export.name), timeout=10)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as again:
+        jobs.StartExport(jpb.StartExportRequest(model="m", quantize="int8"), timeout=10)
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS and "name" in again.value.details()
 
     assert models.LoadModel(mpb.LoadModelRequest(name="m"), timeout=60).backend == "torch"
     assert models.LoadModel(mpb.LoadModelRequest(name=onnx_name), timeout=60).backend == "onnx"
