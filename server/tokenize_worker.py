@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 LENGTH = struct.Struct("<Q")
 OK, ERROR = 0, 1
 PIPE_LIMIT = 1 << 20  # the stream reader's buffer; larger answers are read in pieces of this size
+NICENESS = 10  # bulk work: on a busy machine the server's own threads (the loop, the model) get the cores first
 
 
 class TokenizeWorker:
@@ -113,4 +114,5 @@ def serve(stdin, stdout) -> None:
 
 
 if __name__ == "__main__":
+    os.nice(NICENESS)
     serve(sys.stdin.buffer, sys.stdout.buffer)
