@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# gRPC on 50051, HTTP (µLM's REST API and OpenAI-compatible completions) on HTTP_PORT
+HTTP_PORT ?= 8000
+
 serve: install
-	$(PY) -m server $(ARGS)
+	$(PY) -m server --http-port $(HTTP_PORT) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
