@@ -2,7 +2,8 @@
 a job running.
 
   python -m bench.job_interference [--preset small | --checkpoint DIR] [--streams 4] [--max-new-tokens 64]
-                                   [--rounds 3] [--job-threads 1] [--out build/bench/job_interference.json]
+                                   [--rounds 3] [--job-threads 1] [--threads 0]
+                                   [--out build/bench/job_interference.json]
 
 One server (`python -m server`, a fresh data root in a temporary folder) serves the model; a text (tinyshakespeare
 from ../shared/data when it is there, else a generated one) is uploaded and built into a char dataset through the
@@ -137,19 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--job-threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="the server's model threads; 0 (its default) sizes them "
+                   "by the cores the jobs leave, N keeps N whatever runs")
     p.add_argument("--out", default=str(BENCH_DIR / "job_interference.json"))
     args = p.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(args.preset)
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="ulm-bench-root-") as root:
-        server = Server("torch", checkpoint, "cpu", 0, None, out.with_name("server-job_interference.log"),
+        server = Server("torch", checkpoint, "cpu", args.threads, None, out.with_name("server-job_interference.log"),
                         ("--data-root", root, "--job-threads", str(args.job_threads)))
         try:
             result = run(server.target, args)
         finally:
             server.stop()
     show(result, args.streams)
-    write_json(out, {"machine": machine(), "model": str(checkpoint), "streams": args.streams,
+    write_json(out, {"machine": machine(), "model": str(checkpoint), "streams": args.streams, "threads": args.threads,
                      "max_new_tokens": args.max_new_tokens, "job_threads": args.job_threads, **result})
     print(f"wrote {out} and {plot(result, out.with_suffix('.png'))}")
     return 0

@@ -98,7 +98,7 @@ class Engine:
 
     def share_cores(self, taken: int) -> None:
         """`taken` cores now run jobs: a torch model on one thread per core (--threads 0) steps back to the others,
-        so that its OpenMP threads never wait for a core a training job holds (ITL p95 grew 10x; docs/pipelines.md).
+        so that its OpenMP threads never wait for a core a training job holds (docs/pipelines.md).
         Set in the model thread, between two steps (OpenMP's count is per thread)."""
         if self.settings.threads or self.backend is None or self.backend.torch_threads is not None:
             return
