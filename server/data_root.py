@@ -1,7 +1,7 @@
 """The data root (--data-root): every file a request names lives under it, in one folder per kind.
 
   files/<name>       uploads          datasets/<name>/  built datasets     models/<name>/  runs and exports
-  jobs/<id>/         job logs         state.db          jobs and uploads (SQLite, WAL)
+  jobs/<id>/         job logs         downloads/        named corpora      state.db        jobs, uploads (SQLite)
 
 Names are checked before any path is made from them (one pattern: no separators, no `..`, no NUL), and a path
 is refused when it resolves outside the root (a symlink that leads out), so nothing is read or written elsewhere.
@@ -15,7 +15,7 @@ from pathlib import Path
 from server.errors import InvalidArgument, NotFound, PermissionDenied
 from ulm.util import cache_root
 
-KINDS = ("files", "datasets", "models", "jobs")
+KINDS = ("files", "datasets", "models", "jobs", "downloads")
 MAX_NAME = 128
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DB = "state.db"

@@ -183,6 +183,14 @@ def test_a_file_over_the_cap_is_429_with_retry_after(http, channel):
     assert error_of(http.get("/ulm/v1/files/big.txt"))[0] == 404  # nothing kept
 
 
+def test_a_form_too_large_for_the_cap_is_refused_before_it_is_read(http):
+    r = http.post("/ulm/v1/files", files={"file": ("big.txt", b"x" * 100_000)})
+    status, code, message = error_of(r)
+    assert (status, code) == (429, "RESOURCE_EXHAUSTED") and "the form is" in message  # not spooled, then counted
+    assert "(--max-file-bytes)" in message
+    assert error_of(http.get("/ulm/v1/files/big.txt"))[0] == 404
+
+
 def test_a_body_over_the_request_limit_is_413(http):
     status, code, message = error_of(http.post("/ulm/v1/tokenize", json={"text": "y" * REQUEST_LIMIT}))
     assert (status, code) == (413, "RESOURCE_EXHAUSTED")

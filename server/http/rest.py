@@ -142,6 +142,7 @@ def add_upload_routes(router: APIRouter, app, files, schemas: Schemas) -> None:
         return await upload(app, files, request, header, request.stream())
 
     async def upload_form(request: Request) -> Response:
+        check_form_size(request, files.args.max_file_bytes)  # the form is spooled whole before the service sees it
         form = await request.form(max_files=1, max_fields=4)
         try:
             file = form.get("file")
@@ -160,6 +161,16 @@ def add_upload_routes(router: APIRouter, app, files, schemas: Schemas) -> None:
     router.add_api_route("/ulm/v1/files", upload_form, methods=["POST"], name="UploadFileForm",
                          summary="Upload a file (a multipart form)", openapi_extra=post, responses=responses,
                          tags=["Files"])
+
+
+FORM_OVERHEAD = 64 * 1024  # a multipart form's boundaries and small fields, beyond the file itself
+
+
+def check_form_size(request: Request, max_file_bytes: int) -> None:
+    """ResourceExhausted, as the service gives it, for a form that cannot hold a file under --max-file-bytes."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > max_file_bytes + FORM_OVERHEAD:
+        raise ResourceExhausted(f"file: the form is {size} bytes, over {max_file_bytes} (--max-file-bytes)")
 
 
 async def upload(app, files, request: Request, header: fpb.UploadFileHeader, chunks: AsyncIterator[bytes]

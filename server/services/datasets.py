@@ -3,7 +3,7 @@
 CreateDataset checks the whole request up front (names, sources, tokenizer, fractions, cleaning options) and
 submits a job whose child runs `python -m ulm data build` (the CLI's own code path) on the uploads' paths in the
 data root. The build writes a hidden folder beside datasets/<name> and renames it in when done, so a dataset is
-listed once its manifest exists. Named corpora without a local copy download into the server's cache.
+listed once its manifest exists. Named corpora without a local copy download into the data root's downloads/.
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ class DatasetsService(pb_grpc.DatasetsServicer):
         self._check_target(request, out)
         if self.shared.jobs is None:
             raise Unavailable("CreateDataset: this server runs no job manager")
-        argv = ["-m", "ulm", "data", "build", *sources, *options, f"--out={out}", "--no-progress"]
+        argv = ["-m", "ulm", "data", "build", *sources, *options, f"--out={out}", "--no-progress",
+                f"--cache-dir={self.root.folder('downloads')}"]  # nothing is written outside the data root
         if request.overwrite:
             argv.append("--overwrite")
         spec = JobSpec(kind="dataset", request=MessageToDict(request, preserving_proto_field_name=True),
