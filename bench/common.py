@@ -1,8 +1,9 @@
 """Shared by the benchmark scripts: random-init checkpoints and cached ONNX exports of them, the machine's memory
 read bandwidth, in-process decode timing through the server's backend interface, and result files.
 
-Backend labels: "torch" (the checkpoint), "onnx-fp32" and "onnx-int8" (`python -m export` of it, cached under
-build/bench/exports and reused while the checkpoint's weights are unchanged).
+Backend labels: "torch" (the checkpoint), "torch-int8" (the checkpoint with its Linear weights in int8 as it loads:
+ulm.quantize), "onnx-fp32" and "onnx-int8" (`python -m export` of it, cached under build/bench/exports and reused
+while the checkpoint's weights are unchanged).
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ from ulm.util import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "build" / "bench"
-BACKENDS = {"torch": ("torch", None), "onnx-fp32": ("onnx", None), "onnx-int8": ("onnx", "int8")}
+BACKENDS = {"torch": ("torch", None), "torch-int8": ("torch", "int8"), "onnx-fp32": ("onnx", None),
+            "onnx-int8": ("onnx", "int8")}
+# the labels bench.serving and bench.soak start servers for (--backend and the directory only; torch-int8 not yet)
+SERVED = {label: spec for label, spec in BACKENDS.items() if label != "torch-int8"}
 
 
 def parse_list(text: str, kind=str, choices=None, name: str = "list") -> list:
@@ -81,8 +85,8 @@ def memory_bandwidth(mib: int = 512, repeats: int = 7, device: str = "cpu") -> f
 
 
 def check_device(device: str, backends: list[str]) -> list[str]:
-    """The backend labels that run on `device`: int8 exports are for the CPU (the ONNX backend refuses them
-    on CUDA). ValueError when CUDA is asked for and torch sees none."""
+    """The backend labels that run on `device`: int8 ones are for the CPU (the ONNX backend refuses int8 exports
+    on CUDA, ulm.quantize's FBGEMM kernels are the CPU's). ValueError when CUDA is asked for and torch sees none."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cpu":
@@ -91,7 +95,7 @@ def check_device(device: str, backends: list[str]) -> list[str]:
         raise ValueError("--device cuda: torch sees no CUDA device")
     cpu_only = [b for b in backends if BACKENDS.get(b, (None, None))[1] == "int8"]
     if cpu_only:
-        print(f"skipping {', '.join(cpu_only)} on cuda: int8 exports are for the CPU", flush=True)
+        print(f"skipping {', '.join(cpu_only)} on cuda: int8 backends are for the CPU", flush=True)
     left = [b for b in backends if b not in cpu_only]
     if not left:
         raise ValueError("--device cuda: none of the backends asked for runs on cuda")
@@ -147,7 +151,8 @@ def backend_dir(label: str, checkpoint: Path, cache: Path = BENCH_DIR) -> tuple[
 def weight_bytes(label: str, directory: Path, cfg) -> int:
     """Bytes of weights one decode step reads: every parameter but the embedding tables (a step gathers one row
     of each; a tied output layer reads the token table whole). int8 exports: their quantized MatMul weights
-    (with scales) in place of the fp32 Linear weights."""
+    (with scales) in place of the fp32 Linear weights; torch-int8: a byte per Linear weight and a scale per
+    output channel (its lm_head's own int8 copy in place of the fp32 token table)."""
     from ulm.model import GPT
 
     with torch.device("meta"):
@@ -156,11 +161,13 @@ def weight_bytes(label: str, directory: Path, cfg) -> int:
     read = {id(p): p for p in model.parameters() if id(p) not in tables}
     read[id(model.lm_head.weight)] = model.lm_head.weight
     n = sum(p.numel() * p.element_size() for p in read.values())
+    linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    if BACKENDS[label] == ("torch", "int8"):
+        return n + sum(w.numel() + 8 * w.shape[0] - 4 * w.numel() for w in linear.values())
     if BACKENDS[label][1] == "int8":
         from export.quantize import matmul_weight_bytes
         from export.runtime import MODEL_FILE
 
-        linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
         n += matmul_weight_bytes(Path(directory) / MODEL_FILE) - sum(w.numel() * 4 for w in linear.values())
     return n
 
@@ -201,8 +208,10 @@ def weight_products(label: str, backend, directory: Path) -> Callable[[], None] 
     export's weights, prepacked by ONNX Runtime as in the model). None on a GPU."""
     if backend.device != "cpu":
         return None
-    if label == "torch":
-        linears = [m for m in backend.model.modules() if isinstance(m, torch.nn.Linear)]
+    if BACKENDS[label][0] == "torch":
+        from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+        linears = [m for m in backend.model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
         inputs = [torch.zeros(1, 1, m.in_features) for m in linears]
 
         @torch.inference_mode()

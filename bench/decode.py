@@ -2,18 +2,20 @@
 machine's memory read bandwidth, measured here with the same threads), and against transformers' generate().
 
   python -m bench.decode [--presets toy,gpt2-small] [--checkpoint DIR]
-                                 [--backends torch,onnx-fp32,onnx-int8,transformers] [--steps 32] [--batch 16]
+                                 [--backends torch,torch-int8,onnx-fp32,onnx-int8,transformers]
+                                 [--steps 32] [--batch 16]
                                  [--prompt-len 16] [--repeats 3] [--threads N] [--device cpu|cuda]
                                  [--out build/bench/decode.json] [--cache build/bench]
 
 Random-init checkpoints of the presets are written under build/bench/checkpoints (or pass --checkpoint); ONNX
 exports of them are made once and cached. Each backend decodes through the interface the server drives
 (prefill, then one batched decode step per token, greedy): ms per token at batch 1 and aggregate tokens/s at
---batch. transformers (when installed) runs GPT2LMHeadModel.generate() on the same weights, converted from
-the checkpoint and checked against it. Repeats are interleaved with bandwidth samples; figures are medians
+--batch. torch-int8 is the torch backend with --quantize int8 (ulm.quantize; its roofline reads int8 weights).
+transformers (when installed) runs GPT2LMHeadModel.generate() on the same weights, converted from the checkpoint
+and checked against it. Repeats are interleaved with bandwidth samples; figures are medians
 (the table also shows the spread of % roofline over rounds). Writes JSON and a PNG plot next to it. With
---device cuda the roofline is the GPU's (its bandwidth, measured the same way) and the int8 export, which is
-for the CPU, is skipped.
+--device cuda the roofline is the GPU's (its bandwidth, measured the same way) and the int8 backends, which are
+for the CPU, are skipped.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from ulm.util import set_threads, write_json
 HF = "transformers"
 TARGETS = {"torch": 0.70, "onnx-fp32": 0.85}  # decode at batch 1, fraction of the roofline
 INT8_SPEEDUP, HF_SPEEDUP = 2.5, 2.0
+TORCH_INT8_SPEEDUP = 2.2  # torch-int8 over torch, batch 1
 
 
 # -- transformers' GPT-2 on the same weights ---------------------------------------------------------------
@@ -125,7 +128,8 @@ class Runner:
             del model
         else:
             kind, directory = backend_dir(label, checkpoint, Path(args.cache))
-            self.backend = load_backend(kind, directory, args.device, max_batch=args.batch)
+            quantize = BACKENDS[label][1] if kind == "torch" else None  # ONNX: the export is quantized already
+            self.backend = load_backend(kind, directory, args.device, max_batch=args.batch, quantize=quantize)
             warmup(self.backend)
             cfg, self.device = self.backend.config, self.backend.device  # ONNX falls back to the CPU
         self.products = None if label == HF else weight_products(label, self.backend, directory)
@@ -207,6 +211,9 @@ def targets(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
     if "onnx-int8" in rounds and "onnx-fp32" in rounds:
         add("onnx-int8 speed-up over onnx-fp32, batch 1", ratio("onnx-fp32", "onnx-int8", "s_per_token_b1"),
             INT8_SPEEDUP)
+    if "torch-int8" in rounds and "torch" in rounds:
+        add("torch-int8 speed-up over torch, batch 1", ratio("torch", "torch-int8", "s_per_token_b1"),
+            TORCH_INT8_SPEEDUP)
     if HF in rounds:
         for label in ("torch", "onnx-fp32"):
             if label in rounds:

@@ -30,9 +30,9 @@ from pathlib import Path
 import grpc
 
 from bench.common import (
-    BACKENDS,
     BENCH_DIR,
     ROOT,
+    SERVED,
     add_model_source,
     backend_dir,
     check_device,
@@ -183,7 +183,7 @@ def plot(runs: list[dict], path: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
     add_model_source(p, target=True)
-    p.add_argument("--backends", default=",".join(BACKENDS), help="with --checkpoint/--preset")
+    p.add_argument("--backends", default=",".join(SERVED), help="with --checkpoint/--preset")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt", default=PROMPT)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_target(args.target, levels, args))
         else:
             checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(args.preset, Path(args.cache))
-            for label in check_device(args.device, parse_list(args.backends, choices=list(BACKENDS), name="backends")):
+            for label in check_device(args.device, parse_list(args.backends, choices=list(SERVED), name="backends")):
                 runs.append(run_backend(label, checkpoint, levels, args))
     except (ValueError, OSError, RuntimeError, TimeoutError) as e:
         print(f"bench_serving: error: {e}", file=sys.stderr)

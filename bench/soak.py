@@ -39,8 +39,8 @@ import grpc
 import psutil
 
 from bench.common import (
-    BACKENDS,
     BENCH_DIR,
+    SERVED,
     add_model_source,
     backend_dir,
     ensure_checkpoint,
@@ -236,7 +236,7 @@ def plot(runs: list[dict], title: str, path: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     add_model_source(p, target=False)
-    p.add_argument("--backend", default="torch", choices=list(BACKENDS))
+    p.add_argument("--backend", default="torch", choices=list(SERVED))
     p.add_argument("--streams", type=int, default=64, help="concurrent clients")
     p.add_argument("--requests", type=int, default=4000, help="calls per connection mode")
     p.add_argument("--connections", default="both", choices=[*MODES, "both"])

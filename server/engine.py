@@ -29,13 +29,15 @@ class EngineSettings:
     max_batch: int  # sequences decoded together (KV cache slots)
     max_queue: int  # sequences that may wait for a slot
     threads: int  # the model's threads; 0 = one per core
+    quantize: str | None = None  # "int8": the torch backend's Linear weights in int8 (ulm.quantize)
 
 
 def load_warm(settings: EngineSettings) -> Backend:
     """In the model thread: the backend, loaded with every core (the event loop's work fits in the gaps, as it
     overlaps the next decode step), then its own thread count for sampling, then warmed up."""
     torch.set_num_threads(settings.threads or usable_cores())
-    backend = load_backend(settings.backend, settings.checkpoint, settings.device, settings.max_batch, serving=True)
+    backend = load_backend(settings.backend, settings.checkpoint, settings.device, settings.max_batch, serving=True,
+                           quantize=settings.quantize)
     if backend.torch_threads:
         torch.set_num_threads(backend.torch_threads)
     warmup(backend)

@@ -66,16 +66,21 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", help="int8: Linear weights in int8 (FBGEMM dynamic quantization, CPU)")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> None:
     from ulm.checkpoint import load_checkpoint
     from ulm.generate import SamplingParams, generate_text
+    from ulm.quantize import check_quantize
 
+    check_quantize(args.quantize, args.device)  # before loading: a bad value is a one-line error
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     params.validate()
+    if args.quantize:
+        model.prepare_for_inference(quantize=args.quantize)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, params))
 
 

@@ -70,7 +70,8 @@ class InferenceLinear(nn.Linear):
 
 
 @torch.no_grad()
-def prepare_for_inference(model: nn.Module, pack: bool = True, max_rows: int | None = None) -> nn.Module:
+def prepare_for_inference(model: nn.Module, pack: bool = True, max_rows: int | None = None,
+                          quantize: str | None = None) -> nn.Module:
     """Lay a model's Linear weights out for decoding on the CPU. Returns it, in eval mode; outputs are unchanged.
 
     Each (out, in) weight becomes a column-major view of a contiguous (in, out) matrix: values, shapes and
@@ -80,8 +81,12 @@ def prepare_for_inference(model: nn.Module, pack: bool = True, max_rows: int | N
     products of up to `max_rows` rows (default InferenceLinear.MAX_ROWS; a server: its batch): speed for a second
     copy of the weights in memory. The feed-forward activation moves into its first Linear (one fused kernel).
     Prepare after loading the weights (the packed copies do not follow later changes); leave training models as
-    they are.
+    they are. `quantize="int8"`: the Linear layers become dynamic-int8 ones first (ulm.quantize; CPU only).
     """
+    if quantize is not None:
+        from ulm.quantize import quantize_for_inference
+
+        quantize_for_inference(model, quantize)
     if next(model.parameters()).device.type != "cpu":
         return model.eval()
     pack = pack and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()

@@ -299,11 +299,13 @@ class GPT(nn.Module):
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         return self.lm_head.forward(self.ln_f.forward(x))
 
-    def prepare_for_inference(self, pack: bool = True, max_rows: int | None = None) -> GPT:
-        """ulm.inference.prepare_for_inference: Linear layouts and kernels for decoding on the CPU."""
+    def prepare_for_inference(self, pack: bool = True, max_rows: int | None = None,
+                              quantize: str | None = None) -> GPT:
+        """ulm.inference.prepare_for_inference: Linear layouts and kernels (int8 with quantize="int8") for
+        decoding on the CPU."""
         from ulm.inference import prepare_for_inference  # it builds on this module's layers
 
-        return prepare_for_inference(self, pack, max_rows)
+        return prepare_for_inference(self, pack, max_rows, quantize)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # shared (tied) parameters count once

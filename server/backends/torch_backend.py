@@ -13,27 +13,31 @@ import torch
 
 from ulm.checkpoint import load_checkpoint
 from ulm.kv_cache import KVCache
+from ulm.quantize import check_quantize
 
 
 class TorchBackend:
     name = "torch"
     torch_threads = None  # the model's own
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", max_batch: int = 32):
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", max_batch: int = 32,
+                 quantize: str | None = None):
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but torch sees no CUDA device")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        check_quantize(quantize, device)
         self.model, self.tokenizer, meta = load_checkpoint(checkpoint_dir, device=device)
+        self.num_params = self.model.num_params()  # before quantizing: int8 Linear weights are not Parameters
         # CPU weight layouts for decoding; the packed copies serve batches (more than one row per matmul) of up to
-        # max_batch rows: oneDNN keeps a kernel per row count, so a prefill's (prompts x padded length) goes to MKL
-        self.model.prepare_for_inference(pack=max_batch > 1, max_rows=max_batch)
+        # max_batch rows: oneDNN keeps a kernel per row count, so a prefill's (prompts x padded length) goes to MKL.
+        # quantize="int8": the Linear layers become int8 ones first (ulm.quantize); any fp32 one left is laid out
+        self.model.prepare_for_inference(pack=max_batch > 1, max_rows=max_batch, quantize=quantize)
         self.config = self.model.config
         self.device = device
-        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self.dtype = quantize or str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.model_name = meta.get("name") or Path(checkpoint_dir).resolve().name
         self.max_batch = max_batch
-        self.num_params = self.model.num_params()
         self.cache = KVCache.for_model(self.config, max_batch, dtype=next(self.model.parameters()).dtype,
                                        device=device)
         cfg = self.config  # the largest tensor of a decode step (fp32): its logits or feed-forward activations

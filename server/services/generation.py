@@ -16,7 +16,7 @@ import grpc
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
-from server.backends import BACKENDS
+from server.backends import BACKENDS, QUANTIZING
 from server.backends.base import Backend
 from server.engine import Engine, EngineSettings
 from server.errors import ResourceExhausted, Unavailable, call_end_code
@@ -28,6 +28,7 @@ from server.services import ServiceSpec, register
 from server.shared import Shared
 from server.text_output import Chunk, TextOutput
 from server.tokenize_worker import TokenizeWorker
+from ulm.quantize import check_quantize
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="checkpoint directory; none = the built-in default model")
     g.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--quantize", help="int8: the torch backend's Linear weights in int8 (FBGEMM dynamic "
+                                      "quantization, CPU); the default model's only")
     g.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
     g.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more get RESOURCE_EXHAUSTED")
@@ -59,6 +62,12 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not args.checkpoint:
         raise ValueError("no --checkpoint given")
+    quantize = getattr(args, "quantize", None)  # a server assembled from its own Namespace may lack it
+    if quantize is not None:
+        if args.backend not in QUANTIZING:
+            raise ValueError(f"--quantize is for the {', '.join(QUANTIZING)} backend, not {args.backend} (an int8 "
+                             "ONNX model is an export: python -m export --quantize int8)")
+        check_quantize(quantize, args.device)
 
 
 class GenerationService(pb_grpc.TextGenerationServicer):
@@ -69,7 +78,8 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         self.args = args
         self.limits = Limits(args.max_new_tokens, args.default_max_new_tokens)
         self.engine = Engine(EngineSettings(args.backend, args.checkpoint, args.device, args.max_batch,
-                                            args.max_queue, args.threads), shared.metrics)  # the default model's
+                                            args.max_queue, args.threads, getattr(args, "quantize", None)),
+                             shared.metrics)  # the default model's
         self.models: ModelRegistry = registry_of(args, shared)
         self.tokenizing = TokenizeWorker()  # large texts, in a process of their own
 
