@@ -47,9 +47,9 @@ TIMEOUT_S = 600
 # -- one stream per path -------------------------------------------------------------------------------------
 
 async def sse_stream(client: httpx.AsyncClient, url: str, body: dict, tokens_of) -> Stream:
-    """One SSE call: `tokens_of(event)` says how many tokens an event's JSON carries (None: not a token event)."""
+    """One SSE call: `tokens_of(event, stream)` says how many tokens an event's JSON carries (0: none)."""
     s = Stream()
-    t0 = last = time.perf_counter()
+    t0 = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body) as r:
             if r.status_code != 200:
@@ -59,15 +59,8 @@ async def sse_stream(client: httpx.AsyncClient, url: str, body: dict, tokens_of)
             async for line in r.aiter_lines():
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
-                now, n = time.perf_counter(), tokens_of(json.loads(line[5:]), s)
-                if not n:
-                    continue
-                if s.tokens == 0:
-                    s.ttft = now - t0
-                    s.gaps += [0.0] * (n - 1)
-                else:
-                    s.gaps += [(now - last) / n] * n
-                s.tokens, last = s.tokens + n, now
+                now = time.perf_counter()
+                s.arrived(tokens_of(json.loads(line[5:]), s), now, t0)
     except httpx.HTTPError as e:
         s.error = type(e).__name__
     s.seconds = time.perf_counter() - t0

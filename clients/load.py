@@ -34,24 +34,28 @@ class Stream:
     tokens: int = 0
     seconds: float = 0.0
     error: str | None = None  # status code name
+    last: float = 0.0  # when the latest message came
+
+    def arrived(self, n: int, now: float, t0: float) -> None:
+        """A message of n tokens came at `now` (the call started at t0): the server coalesces tokens when the client
+        lags, so a message's gap is shared among its tokens."""
+        if not n:
+            return
+        if self.tokens == 0:
+            self.ttft = now - t0
+            self.gaps += [0.0] * (n - 1)
+        else:
+            self.gaps += [(now - self.last) / n] * n
+        self.tokens, self.last = self.tokens + n, now
 
 
 async def one_stream(stub, request: pb.GenerateRequest, timeout: float | None) -> Stream:
-    """A message may carry several tokens (the server coalesces when the client lags): its gap is shared."""
+    """One streaming call's timings (Stream.arrived per message)."""
     s = Stream()
-    t0 = last = time.perf_counter()
+    t0 = time.perf_counter()
     try:
         async for msg in stub.Generate(request, timeout=timeout):
-            now, n = time.perf_counter(), len(msg.token_ids)
-            if not n:
-                continue
-            if s.tokens == 0:
-                s.ttft = now - t0
-                s.gaps += [0.0] * (n - 1)
-            else:
-                s.gaps += [(now - last) / n] * n
-            s.tokens += n
-            last = now
+            s.arrived(len(msg.token_ids), time.perf_counter(), t0)
     except grpc.RpcError as e:
         s.error = e.code().name
     s.seconds = time.perf_counter() - t0

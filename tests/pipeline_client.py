@@ -11,6 +11,14 @@ import pytest
 
 from protos.ulm.v1 import files_pb2 as fpb
 
+# the whole loop's tests (gRPC and HTTP): a tiny grammar and a tiny model trained on it for a few seconds
+LOOP_ITERS = 300
+LOOP_TEXT = "".join(f"{w} sat on the {m} mat; " for w in ("the cat", "a dog", "my hen", "one fox") for m in
+                    ("red", "big", "old", "wet", "new")) * 40
+LOOP_TRAINING = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", f"max_iters={LOOP_ITERS}",
+                 "eval_interval=100", "eval_iters=2", "log_interval=10", "warmup_iters=10", "lr_decay_iters=300",
+                 "dtype=float32", "device=cpu"]
+
 
 def upload_requests(name: str, data: bytes, chunk: int = 4096, overwrite: bool = False
                     ) -> Iterator[fpb.UploadFileRequest]:

@@ -2,7 +2,6 @@
 certificate made here, and the refusal to serve an address other than loopback without a token."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -150,18 +149,6 @@ def test_the_right_token_passes_every_method(checkpoint, token_file, tmp_path):
         r = "".join(m.text for m in pb_grpc.TextGenerationStub(channel).Generate(
             pb.GenerateRequest(prompt="ab", max_new_tokens=5), metadata=bearer(OTHER_TOKEN), timeout=10))
         assert len(r) > 0
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make a certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=30)
-    return d / "cert.pem", d / "key.pem"
 
 
 def test_tls_with_stubs_reflection_and_the_cli(checkpoint, token_file, certificate, tmp_path, capsys):

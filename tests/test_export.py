@@ -3,7 +3,6 @@ directory (files, hashes, report), int8 quantization on a quickly trained model,
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections import Counter
 
@@ -13,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from trained_model import train_char_model
 
 from export.__main__ import main
 from export.onnx_export import export_onnx
@@ -33,7 +33,6 @@ from ulm.config import GPTConfig
 from ulm.generate import generate_ids
 from ulm.kv_cache import KVCache
 from ulm.model import GPT
-from ulm.tokenizer import char_level
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -174,34 +173,12 @@ def test_other_architectures(tmp_path):
 # -- int8 ---------------------------------------------------------------------------------------------------
 
 
-def synthetic_text(n_sentences: int, seed: int) -> str:
-    rng = random.Random(seed)
-    subj = ["the cat", "a dog", "my friend", "the old man", "her sister", "a small bird"]
-    verb = ["sat on", "ran to", "looked at", "jumped over", "walked past", "sang to"]
-    obj = ["the mat", "the park", "a red house", "the river", "an apple tree", "the moon"]
-    return " ".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n_sentences))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A char-level model trained for a few seconds on a small synthetic grammar, and held-out text."""
-    torch.manual_seed(0)
-    text, val = synthetic_text(3000, 0), synthetic_text(5000, 1)  # --eval-data reads the last 10%
-    tok = char_level(text)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=False))
-    data = torch.tensor(tok.encode(text, add_bos=False))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(200):
-        ix = torch.randint(len(data) - 65, (32,))
-        x = torch.stack([data[i:i + 64] for i in ix])
-        y = torch.stack([data[i + 1:i + 65] for i in ix])
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1.2, "the test model did not train"
+    model, tok, val = train_char_model(5000)  # --eval-data reads the last 10%
     d = tmp_path_factory.mktemp("trained")
-    save_checkpoint(d / "ckpt", model.eval(), tok)
+    save_checkpoint(d / "ckpt", model, tok)
     (d / "val.txt").write_text(val)
     return d
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 
@@ -383,18 +381,6 @@ def test_a_full_queue_is_429_at_once(checkpoint, tmp_path):
         same_error(refused, grpc_refused, 429)
         assert refused.headers["retry-after"] == "1" and waited < 0.5
         assert s.wait_until(lambda: s.scheduler.busy_slots == 0 and s.metric("ulm_queue_depth") == 0, timeout=5)
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make a certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=30)
-    return d / "cert.pem", d / "key.pem"
 
 
 def test_https_with_the_grpc_servers_certificate(checkpoint, certificate, tmp_path):

@@ -10,14 +10,8 @@ import threading
 import httpx
 import pytest
 from http_client import OpenApi, sse
+from pipeline_client import LOOP_ITERS, LOOP_TEXT, LOOP_TRAINING
 from server_fixture import InProcessServer, make_toy_checkpoint
-
-ITERS = 300
-TEXT = "".join(f"{w} sat on the {m} mat; " for w in ("the cat", "a dog", "my hen", "one fox") for m in
-               ("red", "big", "old", "wet", "new")) * 40
-TRAINING = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", f"max_iters={ITERS}",
-            "eval_interval=100", "eval_iters=2", "log_interval=10", "warmup_iters=10", "lr_decay_iters=300",
-            "dtype=float32", "device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +85,8 @@ def generate(http: httpx.Client, api: OpenApi, **request) -> list[dict]:
 
 
 def test_from_raw_text_to_served_models_over_http(http, api):
-    uploaded = api.answer("PUT", "/ulm/v1/files/{name}", http.put("/ulm/v1/files/pets.txt", content=TEXT.encode()))
-    assert uploaded["size_bytes"] == str(len(TEXT))
+    uploaded = api.answer("PUT", "/ulm/v1/files/{name}", http.put("/ulm/v1/files/pets.txt", content=LOOP_TEXT.encode()))
+    assert uploaded["size_bytes"] == str(len(LOOP_TEXT))
     built = api.answer("POST", "/ulm/v1/datasets", http.post("/ulm/v1/datasets", json={
         "name": "pets", "sources": [{"file": "pets.txt"}], "tokenizer": "char"}))
     assert built["kind"] == "JOB_KIND_DATASET"
@@ -101,7 +95,7 @@ def test_from_raw_text_to_served_models_over_http(http, api):
     assert dataset["tokenizer"] == "char" and {s["name"] for s in dataset["splits"]} >= {"train", "val"}
 
     job = api.answer("POST", "/ulm/v1/jobs:train", http.post("/ulm/v1/jobs:train", json={
-        "dataset": "pets", "recipe": "shakespeare-char", "model": "m", "overrides": TRAINING, "seed": 1}))
+        "dataset": "pets", "recipe": "shakespeare-char", "model": "m", "overrides": LOOP_TRAINING, "seed": 1}))
     first, late = train_watched_twice(http, api, job)
     assert final_job(first)["state"] == "JOB_STATE_SUCCEEDED", final_job(first)["error"]
     assert states(late) == ["QUEUED", "RUNNING", "SUCCEEDED"] and states(first)[-1] == "SUCCEEDED"
@@ -111,7 +105,7 @@ def test_from_raw_text_to_served_models_over_http(http, api):
     live = {e["sequence"]: e for e in late}
     assert all(live[e["sequence"]] == e for e in first[1:])  # the late watcher saw the same events
     steps = [e["step"] for e in late if "step" in e]
-    assert steps[-1]["step"] == str(ITERS) and steps[-1]["loss"] < 0.6 * steps[0]["loss"], steps
+    assert steps[-1]["step"] == str(LOOP_ITERS) and steps[-1]["loss"] < 0.6 * steps[0]["loss"], steps
     assert final_job(late)["result"] == "m"
     listed = api.answer("GET", "/ulm/v1/jobs", http.get("/ulm/v1/jobs", params={"kind": "JOB_KIND_TRAINING"}))
     assert [j["id"] for j in listed["jobs"]] == [job["id"]]
@@ -134,4 +128,4 @@ def test_from_raw_text_to_served_models_over_http(http, api):
         events = generate(http, api, model=name, prompt="the cat", max_new_tokens=24)
         text = "".join(e["text"] for e in events)
         assert events[-1]["usage"]["completion_tokens"] == 24 and len(text) == 24  # char model: a character a token
-        assert set(text) <= set(TEXT)
+        assert set(text) <= set(LOOP_TEXT)

@@ -8,7 +8,7 @@ import threading
 
 import grpc
 import pytest
-from pipeline_client import upload
+from pipeline_client import LOOP_ITERS, LOOP_TEXT, LOOP_TRAINING, upload
 from server_fixture import InProcessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import datasets_pb2 as dpb
@@ -19,12 +19,6 @@ from protos.ulm.v1 import text_generation_pb2 as gpb
 from protos.ulm.v1 import text_generation_pb2_grpc as gpb_grpc
 
 S = jpb.JobState
-ITERS = 300
-TEXT = "".join(f"{w} sat on the {m} mat; " for w in ("the cat", "a dog", "my hen", "one fox") for m in
-               ("red", "big", "old", "wet", "new")) * 40
-TRAINING = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", f"max_iters={ITERS}",
-            "eval_interval=100", "eval_iters=2", "log_interval=10", "warmup_iters=10", "lr_decay_iters=300",
-            "dtype=float32", "device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +69,7 @@ def test_from_raw_text_to_served_models(channel):
     models = models_pb2_grpc.ModelsStub(channel)
     generation = gpb_grpc.TextGenerationStub(channel)
 
-    assert upload(files, "pets.txt", TEXT.encode()).size_bytes == len(TEXT)
+    assert upload(files, "pets.txt", LOOP_TEXT.encode()).size_bytes == len(LOOP_TEXT)
     built = datasets.CreateDataset(dpb.CreateDatasetRequest(
         name="pets", sources=[dpb.DatasetSource(file="pets.txt")], tokenizer="char"), timeout=10)
     assert final_job(watch(jobs, built.name)).state == S.JOB_STATE_SUCCEEDED
@@ -83,7 +77,7 @@ def test_from_raw_text_to_served_models(channel):
     assert dataset.tokenizer == "char" and {s.name for s in dataset.splits} >= {"train", "val"}
 
     job = jobs.StartTraining(jpb.StartTrainingRequest(dataset="pets", recipe="shakespeare-char", model="m",
-                                                      overrides=TRAINING, seed=1), timeout=10)
+                                                      overrides=LOOP_TRAINING, seed=1), timeout=10)
     first, late = train_watched_twice(jobs, job)
     assert final_job(first).state == S.JOB_STATE_SUCCEEDED, final_job(first).error
     assert states(late) == ["QUEUED", "RUNNING", "SUCCEEDED"] and states(first)[-1] == "SUCCEEDED"
@@ -93,7 +87,7 @@ def test_from_raw_text_to_served_models(channel):
     live = {e.sequence: e for e in late}
     assert all(live[e.sequence] == e for e in first[1:])  # the late watcher saw the same events
     losses = [e.step.loss for e in late if e.WhichOneof("event") == "step"]
-    assert [e.step.step for e in late if e.WhichOneof("event") == "step"][-1] == ITERS
+    assert [e.step.step for e in late if e.WhichOneof("event") == "step"][-1] == LOOP_ITERS
     assert losses[-1] < 0.6 * losses[0], losses
     assert final_job(late).result == "m"
 
@@ -118,4 +112,4 @@ def test_from_raw_text_to_served_models(channel):
                                        timeout=60))
         text = "".join(r.text for r in out)
         assert out[-1].usage.completion_tokens == 24 and len(text) == 24  # char model: a character a token
-        assert set(text) <= set(TEXT)
+        assert set(text) <= set(LOOP_TEXT)

@@ -3,7 +3,6 @@ perplexity of a quickly trained char model, the server's --quantize int8 against
 from __future__ import annotations
 
 import logging
-import random
 
 import grpc
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from server_fixture import InProcessServer
+from trained_model import train_char_model
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
@@ -18,11 +18,10 @@ from server.__main__ import main as server_main
 from server.models import model_info
 from ulm.checkpoint import load_checkpoint, save_checkpoint
 from ulm.cli import main as ulm_main
-from ulm.config import GPTConfig, gpt_preset
+from ulm.config import gpt_preset
 from ulm.generate import SamplingParams, generate_ids
 from ulm.model import GPT
 from ulm.quantize import Int8Linear, check_quantize, int8_linear, quantize_for_inference
-from ulm.tokenizer import char_level
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,33 +73,11 @@ def test_large_activations_do_not_saturate():
         assert relative_error(q(x), lin(x)) < 1e-2
 
 
-def synthetic_text(n_sentences: int, seed: int) -> str:
-    rng = random.Random(seed)
-    subj = ["the cat", "a dog", "my friend", "the old man", "her sister", "a small bird"]
-    verb = ["sat on", "ran to", "looked at", "jumped over", "walked past", "sang to"]
-    obj = ["the mat", "the park", "a red house", "the river", "an apple tree", "the moon"]
-    return " ".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n_sentences))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A char-level model trained for a few seconds on a small grammar, its checkpoint, and held-out ids."""
-    torch.manual_seed(0)
-    text, val = synthetic_text(3000, 0), synthetic_text(400, 1)
-    tok = char_level(text)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=False))
-    data = torch.tensor(tok.encode(text, add_bos=False))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(200):
-        ix = torch.randint(len(data) - 65, (32,))
-        x = torch.stack([data[i:i + 64] for i in ix])
-        y = torch.stack([data[i + 1:i + 65] for i in ix])
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1.2, "the test model did not train"
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("trained") / "ckpt", model.eval(), tok)
+    model, tok, val = train_char_model(400)
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("trained") / "ckpt", model, tok)
     ids = torch.tensor(tok.encode(val, add_bos=False))
     n = (len(ids) - 1) // 64 * 64
     return model, ckpt, tok, ids[:n].view(-1, 64), ids[1:n + 1].view(-1, 64)
