@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import re
 import statistics
 import subprocess
@@ -96,10 +95,13 @@ class InProcess:
     def __init__(self, kind: str, directory: Path, device: str, threads: int, max_batch: int | None, steps: int,
                  prompt: str, sampling: dict):
         from server.backends import load_backend
-        from server.backends.base import warmup
+        from server.backends.base import model_threads, warmup
+        from server.model_catalog import auto_max_batch, config_of
 
         set_threads(threads)
-        self.backend = load_backend(kind, directory, device, max_batch or 32, serving=True)  # as the server does
+        self.backend = load_backend(kind, directory, device, max_batch or auto_max_batch(config_of(directory)),
+                                    serving=True)  # as the server does
+        set_threads(model_threads(self.backend, threads))
         warmup(self.backend)
         self.steps, self.prompt_len = steps, len(self.backend.tokenizer.encode(prompt))
         self.sampling = SamplingParams(**sampling)
@@ -191,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=3, help="each round runs every concurrency level once")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="server threads (and the in-process baseline's); default: the server's, one per core")
+    p.add_argument("--threads", type=int, default=0,
+                   help="server threads (and the in-process baseline's); 0: the server's choice (one per core, one for "
+                        "a model under a million parameters)")
     p.add_argument("--max-batch", type=int, help="server slots (default: the server's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda, for the servers started here (the int8 export "
                    "is skipped on cuda)")

@@ -111,9 +111,20 @@ class Soak:
         self.next = self.done = 0
         self.t0 = time.monotonic()
 
+    def rss_mib(self) -> float:
+        """The server's resident memory with its processes' (the model process holds the weights and the KV
+        cache; pages they share with the forkserver count in each)."""
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:  # the tokenizer worker may come and go
+                pass
+        return total / 2**20
+
     def sample(self) -> None:
         self.samples.append({"requests": self.done, "seconds": round(time.monotonic() - self.t0, 2),
-                             "rss_mib": self.proc.memory_info().rss / 2**20})
+                             "rss_mib": self.rss_mib()})
 
     def request(self, i: int, max_new_tokens: int | None = None, chars: int | None = None) -> pb.GenerateRequest:
         lo, hi = (chars, chars) if chars else (self.lo, self.hi)
@@ -194,7 +205,7 @@ class Soak:
 def soak_mode(mode: str, target: str, pid: int, args) -> dict:
     soak = Soak(target, pid, args)
     max_batch = asyncio.run(soak.warm_up())
-    warm_rss = soak.proc.memory_info().rss / 2**20
+    warm_rss = soak.rss_mib()
     asyncio.run(soak.run(mode))
     out = summarize(soak.samples, args.requests, args.target_growth)
     out.update(connections=mode, max_batch=max_batch, rss_after_warmup_mib=warm_rss,

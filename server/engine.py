@@ -1,20 +1,17 @@
-"""The model side of text generation: the backend (model and tokenizer), its model thread, and the scheduler.
+"""The model side of text generation: the model process (backend, forward passes) and the scheduler.
 
-Loading, thread sizing and warm-up run in the one model thread that later runs every forward pass (OpenMP's
-thread count is per thread). Submitting, cancelling and draining go to the scheduler, on token ids. A server may
-run several engines (one per loaded model, server/models.py); their schedulers share the server's gauges.
+Loading, thread sizing and warm-up run in the model process (server.model_process), which later runs every
+forward pass; this process keeps the backend's description (tokenizer, config). Submitting, cancelling and
+draining go to the scheduler, on token ids. A server may run several engines (one per loaded model,
+server/models.py); their schedulers share the server's gauges.
 """
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
-from server.backends import load_backend
-from server.backends.base import Backend, warmup
 from server.metrics import Metrics
+from server.model_process import BackendInfo, ProcessRunner
 from server.scheduler import Scheduler
 from server.sequence import Listener, Sequence, TokenRequest
 from ulm.tokenizer import Tokenizer
@@ -30,18 +27,7 @@ class EngineSettings:
     max_queue: int  # sequences that may wait for a slot
     threads: int  # the model's threads; 0 = one per core
     quantize: str | None = None  # "int8": the torch backend's Linear weights in int8 (ulm.quantize)
-
-
-def load_warm(settings: EngineSettings) -> Backend:
-    """In the model thread: the backend, loaded with every core (the event loop's work fits in the gaps, as it
-    overlaps the next decode step), then its own thread count for sampling, then warmed up."""
-    torch.set_num_threads(settings.threads or usable_cores())
-    backend = load_backend(settings.backend, settings.checkpoint, settings.device, settings.max_batch, serving=True,
-                           quantize=settings.quantize)
-    if backend.torch_threads:
-        torch.set_num_threads(backend.torch_threads)
-    warmup(backend)
-    return backend
+    stream_interval: int = 1  # the most decode steps, hence new tokens per stream, between two looks at the streams
 
 
 class GaugeShare:
@@ -76,7 +62,7 @@ class Engine:
     def __init__(self, settings: EngineSettings, metrics: Metrics):
         self.settings = settings
         self.metrics = EngineMetrics(metrics)
-        self.backend: Backend | None = None  # set once loaded and warmed up
+        self.backend: BackendInfo | None = None  # set once loaded and warmed up
         self.scheduler: Scheduler | None = None  # set once it runs
 
     @property
@@ -88,23 +74,19 @@ class Engine:
         return self.scheduler is not None
 
     async def start(self) -> None:
-        executor = ThreadPoolExecutor(1, thread_name_prefix="ulm-model")  # every forward pass, from loading on
-        try:
-            self.backend = await asyncio.get_running_loop().run_in_executor(executor, load_warm, self.settings)
-        except BaseException:
-            executor.shutdown(wait=False)  # a model that failed to load leaves no thread behind
-            raise
-        self.executor = executor
-        self.scheduler = Scheduler(self.backend, self.settings.max_queue, self.metrics, executor)
+        """Load the model in a process of its own (server.model_process), then start scheduling."""
+        self.runner, self.backend = await ProcessRunner.start(self.settings)
+        self.scheduler = Scheduler(self.runner, self.backend.max_batch, self.settings.max_queue, self.metrics,
+                                   self.settings.stream_interval)
         self.scheduler.start()
 
     def share_cores(self, taken: int) -> None:
         """`taken` cores now run jobs: a torch model on one thread per core (--threads 0) steps back to the others,
         so that its OpenMP threads never wait for a core a training job holds (docs/pipelines.md).
-        Set in the model thread, between two steps (OpenMP's count is per thread)."""
-        if self.settings.threads or self.backend is None or self.backend.torch_threads is not None:
+        Set in the model process, between two passes."""
+        if self.backend is None or self.backend.torch_threads is not None:
             return
-        self.executor.submit(torch.set_num_threads, max(1, usable_cores() - taken))
+        asyncio.get_running_loop().create_task(self.runner.set_threads(max(1, usable_cores() - taken)))
 
     def submit(self, req: TokenRequest, listener: Listener) -> Sequence:
         """Raises scheduler.NotAccepting (draining) or scheduler.QueueFull."""

@@ -31,6 +31,9 @@ BEST, SUMMARY = "best", "summary.json"
 EXPORT_MANIFEST, EXPORT_CONFIG = "manifest.json", "config.json"
 EXPORT_WEIGHTS = ("model.onnx", "model.onnx.data")
 KV_BYTES = 4  # float32 keys and values
+# --max-batch 0: as many slots as fit in this much KV cache, at most AUTO_SLOTS (a toy model gets 64 slots,
+# GPT-2-small's 1024-token context 35, a 1 GB model's few)
+KV_BUDGET, AUTO_SLOTS = 2560 << 20, 64
 
 
 class NotAModel(ValueError):
@@ -93,6 +96,22 @@ def kv_cache_bytes(model_config: dict, max_batch: int) -> int:
         return 0  # a damaged config: loading it reports what is wrong
     n_layer, block_size, n_embd = dims
     return 2 * n_layer * max_batch * block_size * n_embd * KV_BYTES
+
+
+def auto_max_batch(model_config: dict) -> int:
+    """The slots of a model served with --max-batch 0: the most, up to AUTO_SLOTS, whose KV cache fits in KV_BUDGET."""
+    per_slot = kv_cache_bytes(model_config, 1)
+    return max(1, min(AUTO_SLOTS, KV_BUDGET // per_slot)) if per_slot else AUTO_SLOTS
+
+
+def config_of(directory: str | Path) -> dict:
+    """The model config ("model" of config.json) of a checkpoint or export folder; {} when unreadable (loading
+    it then reports what is wrong)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config.get("model", {}) if isinstance(config, dict) else {}
 
 
 def identify(name: str, folder: Path) -> StoredModel:

@@ -152,14 +152,15 @@ class ModelRegistry:
                                   f"is {stored.backend!r}; leave backend empty to pick it)")
         device = device or "cpu"
         check_device(device, backend)
-        max_batch = max_batch or self.args.max_batch
+        max_batch = max_batch or self.args.max_batch or catalog.auto_max_batch(stored.model_config)
         if name in self.reserved:
             raise AlreadyExists(f"name: model {name!r} is already loaded here (or being loaded or unloaded)")
         if name in self.deleting:
             raise FailedPrecondition(f"name: model {name!r} is being deleted")
         estimate = stored.weights_bytes() + stored.kv_cache_bytes(max_batch)
         self._check_room(name, estimate, max_batch)
-        settings = EngineSettings(backend, str(stored.path), device, max_batch, self.args.max_queue, self.args.threads)
+        settings = EngineSettings(backend, str(stored.path), device, max_batch, self.args.max_queue, self.args.threads,
+                                  stream_interval=self.args.stream_interval)
         engine = Engine(settings, self.shared.metrics)
         self.reserved[name], self.sources[name] = estimate, stored.folder.resolve()
         self.loading.add(name)

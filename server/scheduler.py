@@ -3,16 +3,19 @@
 Each iteration: drop cancelled or expired sequences (freeing their slots), admit waiting ones into free slots
 and prefill them together, then run one decode step over every running sequence. Each sampled token goes to its
 sequence's listener (server.sequence.Listener); a finished sequence leaves at once and its slot is reused in the
-next iteration. Forward passes and sampling run in one model thread (server.model_runner; torch releases the
-GIL), so the event loop keeps streaming; all scheduler state is touched only on the event loop.
+next iteration. Forward passes and sampling run in the model process (server.model_process), so the event loop
+keeps streaming while the model computes; all scheduler state is touched only on the event loop.
 
-The loop works one decode step ahead: it queues step n+1 while step n runs, then reports step n's tokens, so the
-model thread starts the next pass as soon as one ends instead of waiting for the loop. Step n+1 feeds each
-sequence the token that step n samples, which only the model thread knows in time: it keeps it on the sequence
-(`Sequence.next`) and skips a sequence whose token ends it by id alone (EOS, max_new_tokens). A sequence that its
-listener (a stop string), a cancellation or its deadline ends while its next step is queued just loses that
-step's token. A sequence's generator draws once per step it takes part in, in step order, so seeded sampling
-is unchanged; admission waits for at most the one step already queued.
+The loop works one decode pass ahead: it queues pass n+1 while pass n runs, then reports pass n's tokens, so the
+model starts the next pass as soon as one ends instead of waiting for the loop. Pass n+1 feeds each
+sequence the token that pass n samples, which only the model's side knows in time: it keeps it on the sequence
+(`Sequence.next`) and skips a sequence whose token ends it by id alone (EOS, max_new_tokens). A pass runs one
+decode step, or several back to back while they take under PASS_SECONDS (at most --stream-interval): each stream
+then gets that pass's tokens in one output, one message, so the per-stream work on the loop (text, messages,
+gRPC writes) is paid once per pass rather than once per token where a model is fast. A sequence that its
+listener (a stop string), a cancellation or its deadline ends leaves the pass at its next step; the tokens it got
+meanwhile are dropped. A sequence's generator draws once per step it takes part in, in step order, so seeded
+sampling is unchanged; admission waits for at most the one pass already queued.
 """
 from __future__ import annotations
 
@@ -20,15 +23,32 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
-from server.backends.base import Backend
 from server.metrics import Metrics
-from server.model_runner import ModelRunner
 from server.sequence import Listener, Sequence, TokenOutput, TokenRequest
 
 log = logging.getLogger(__name__)
+
+# A decode pass stops taking steps once it has run this long, so that a stream gets a message at least this often
+# while it generates faster than that (a slower model's pass is one step: a message per token).
+PASS_SECONDS = 0.01
+
+
+class Runner(Protocol):
+    """Where the forward passes run (server.model_process.ProcessRunner, server.model_runner.ThreadRunner): each
+    call queues a pass behind the last and returns its future, (each sequence's tokens, context slides)."""
+
+    def prefill(self, released: list[int], seqs: list[Sequence], slots: list[int]) -> asyncio.Future: ...
+
+    def decode(self, released: list[int], seqs: list[Sequence], slots: list[int], steps: int,
+               seconds: float) -> asyncio.Future: ...
+
+    def left(self, seq: Sequence) -> None:
+        """Its caller or the server ended `seq` (it still holds its slot): its next step leaves it out."""
+
+    async def close(self) -> None: ...
 
 
 class QueueFull(Exception):
@@ -49,14 +69,13 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, max_queue: int, metrics: Metrics,
-                 executor: ThreadPoolExecutor | None = None):
-        self.max_batch = backend.max_batch
+    def __init__(self, runner: Runner, max_batch: int, max_queue: int, metrics: Metrics, stream_interval: int = 1):
+        self.max_batch = max_batch
+        self.stream_interval = stream_interval  # the most decode steps in one pass of the model thread
         self.max_queue = max_queue
         self.metrics = metrics
-        self.runner = ModelRunner(backend, metrics)
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="ulm-model")
-        self.free = list(range(backend.max_batch - 1, -1, -1))  # pop() hands out slot 0 first
+        self.runner = runner
+        self.free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.to_release: list[int] = []  # slots of finished sequences; released before the next pass
@@ -90,6 +109,7 @@ class Scheduler:
         further step; otherwise its slot is freed before the next forward pass."""
         if not seq.finished and not seq.cancelled:
             seq.cancelled = reason
+            self.runner.left(seq)
             self._wake.set()
 
     async def drain(self, timeout: float) -> bool:
@@ -101,6 +121,7 @@ class Scheduler:
         except TimeoutError:
             for seq in [*self.waiting, *self.running.values()]:
                 seq.aborted = True  # the loop finishes them before its next pass
+                self.runner.left(seq)
             self._wake.set()
             try:
                 await asyncio.wait_for(self._idle.wait(), 1.0)
@@ -115,7 +136,7 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=True)
+        await self.runner.close()
 
     @property
     def busy_slots(self) -> int:
@@ -181,44 +202,56 @@ class Scheduler:
     def _submit(self, seqs: list[Sequence], prefill: bool) -> Step:
         """The slots go along as they are now: the loop may finish a sequence before its pass runs."""
         released, self.to_release = self.to_release, []
-        work = self.runner.prefill if prefill else self.runner.decode
-        result = asyncio.get_running_loop().run_in_executor(self.executor, work, released, seqs,
-                                                            [s.slot for s in seqs])
+        slots = [s.slot for s in seqs]
+        if prefill:
+            result = self.runner.prefill(released, seqs, slots)
+        else:
+            result = self.runner.decode(released, seqs, slots, self.stream_interval, PASS_SECONDS)
         return Step(seqs, result, prefill)
 
     async def _collect(self, step: Step) -> None:
         try:
-            seqs, tokens = await step.result
+            tokens, slides = await step.result  # each sequence's tokens
         except Exception as e:  # a failed pass fails its sequences only; the server keeps serving
             log.exception("%s failed for %d requests", "prefill" if step.prefill else "decode", len(step.seqs))
             for seq in step.seqs:
                 self._finish(seq, "error", f"model forward pass failed: {e}")
             return
+        seqs = step.seqs
+        self.metrics.context_slides.inc(slides)
         now = time.monotonic()
-        for seq, token in zip(seqs, tokens):
-            if step.prefill:
-                self.metrics.prompt_tokens.inc(len(seq.req.prompt_ids))
+        if step.prefill:
+            self.metrics.prompt_tokens.inc(sum(len(seq.req.prompt_ids) for seq in seqs))
+        delivered = 0
+        for seq, new in zip(seqs, tokens):
             if reason := seq.dropped(now):
                 self._finish(seq, reason)
-            elif not seq.finished:
+            elif new and not seq.finished:
+                delivered += len(new)
                 try:
-                    self._on_token(seq, token, now)
+                    self._on_tokens(seq, new, now)
                 except Exception as e:  # e.g. its listener's tokenizer failed: this one fails, the others go on
-                    log.exception("request failed after token %d", token)
-                    self._finish(seq, "error", f"could not process token {token}: {e}")
+                    log.exception("request failed after tokens %s", new)
+                    self._finish(seq, "error", f"could not process tokens {new}: {e}")
+        self.metrics.generated_tokens.inc(delivered)
         if not step.prefill and seqs:
             self.metrics.batch_size.observe(len(seqs))
 
     # -- outputs, on the event loop ---------------------------------------------------------------------
 
-    def _on_token(self, seq: Sequence, token: int, now: float) -> None:
-        (self.metrics.inter_token_latency if seq.tokens else self.metrics.time_to_first_token).observe(
-            now - seq.last)
+    def _on_tokens(self, seq: Sequence, tokens: list[int], now: float) -> None:
+        """A pass's tokens of one sequence, to its listener in one output (a pass of several steps: the gap since
+        the last output is shared among them, as a client sees it)."""
+        gaps = len(tokens)
+        if not seq.tokens:
+            self.metrics.time_to_first_token.observe(now - seq.last)
+            gaps -= 1
+        for _ in range(gaps):
+            self.metrics.inter_token_latency.observe((now - seq.last) / len(tokens))
         seq.last = now
-        seq.tokens.append(token)
-        self.metrics.generated_tokens.inc()
-        ends = seq.end_reason(token, len(seq.tokens))
-        seq.listener(seq, TokenOutput([token], last=ends is not None))
+        seq.tokens += tokens
+        ends = seq.end_reason(tokens[-1], len(seq.tokens))
+        seq.listener(seq, TokenOutput(tokens, last=ends is not None))
         if reason := seq.cancelled or ends:  # its listener may have ended it just now (a stop string)
             self._finish(seq, reason)
 
@@ -227,6 +260,7 @@ class Scheduler:
             return
         seq.finished = True
         if seq.slot is not None:
+            self.runner.left(seq)
             del self.running[seq.slot]
             self.to_release.append(seq.slot)
             self.free.append(seq.slot)

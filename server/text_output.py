@@ -51,12 +51,13 @@ class TextOutput:
         self.chunks: asyncio.Queue[Chunk] = asyncio.Queue()
         self.held = Chunk()  # the text of the last token, which goes out with the finish in one message
         self.stopped = False
+        self.taken = 0  # tokens passed on: through the one that completed a stop string, none after it
 
     def on_output(self, seq: Sequence, out: TokenOutput) -> None:
         """The sequence's listener (see the module's docstring)."""
         if out.finish_reason is not None:
             last = Chunk(finish_reason=out.finish_reason, error=finish_error(out.finish_reason, out.error),
-                         prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+                         prompt_tokens=out.prompt_tokens, completion_tokens=self.taken)
             self.chunks.put_nowait(self.held.merge(last))
             self.held = Chunk()
         elif not self.stopped:
@@ -73,6 +74,7 @@ class TextOutput:
             rest, self.stopped = self.stream.flush()
             text += rest
         chunk = Chunk(text, out.token_ids[:taken])
+        self.taken += taken
         if self.stopped or out.last:
             self.held = chunk
             if self.stopped:

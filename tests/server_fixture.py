@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 512  # the toy preset with a longer context, so that long generations can be cut short
 
 
-def make_toy_checkpoint(directory: Path, seed: int = 0) -> Path:
+def make_toy_checkpoint(directory: Path, seed: int = 0, **shape) -> Path:
+    """The toy preset (with a longer context), random init; `shape`: other GPTConfig fields."""
     torch.manual_seed(seed)
-    return save_checkpoint(directory, GPT(gpt_preset("toy", block_size=CONTEXT)), extra={"preset": "toy"})
+    return save_checkpoint(directory, GPT(gpt_preset("toy", block_size=CONTEXT, **shape)), extra={"preset": "toy"})
 
 
 def own_data_root(argv: list[str]) -> list[str]:
@@ -91,8 +92,18 @@ class InProcessServer:
         return f"http://127.0.0.1:{self.app.http_port}"
 
     @property
+    def engine(self):
+        """The default model's engine."""
+        return next(s for s in self.app.services if s.name == "ulm.v1.TextGeneration").engine
+
+    @property
     def scheduler(self):
-        return next(s for s in self.app.services if s.name == "ulm.v1.TextGeneration").scheduler
+        return self.engine.scheduler
+
+    def model_process_info(self, engine=None) -> dict:
+        """What the model process of `engine` (the default model's) reports: its torch threads, its ONNX Runtime
+        session's intra-op threads."""
+        return self.run((engine or self.engine).runner.info())
 
     def metric(self, name: str, **labels) -> float:
         return self.app.metrics.value(name, labels)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from server_fixture import InProcessServer, SubprocessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import datasets_pb2 as dpb
@@ -43,7 +42,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     (tmp / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
     root = tmp / "root"
     build_dataset([tmp / "text.txt"], root / "datasets" / "chars", tokenizer="char", progress=False, log=None)
-    return {"tmp": tmp, "root": root, "checkpoint": make_toy_checkpoint(tmp / "toy")}
+    # 1.4M parameters: a model over a million runs on the cores the jobs leave (server.backends.base.model_threads)
+    return {"tmp": tmp, "root": root, "checkpoint": make_toy_checkpoint(tmp / "toy", n_layer=3, n_embd=192)}
 
 
 def server_argv(setup: dict, root: Path) -> list[str]:
@@ -126,9 +126,8 @@ def listed_resources(channel) -> tuple[list[str], list[str]]:
 
 
 def model_threads(server) -> int:
-    """The default model's torch threads, read in its model thread (OpenMP's count is per thread)."""
-    engine = next(s for s in server.app.services if s.name == "ulm.v1.TextGeneration").engine
-    return engine.executor.submit(torch.get_num_threads).result(10)
+    """The default model's torch threads, as its model process reports them."""
+    return server.model_process_info()["torch_threads"]
 
 
 def code_of(call) -> tuple[grpc.StatusCode, str]:

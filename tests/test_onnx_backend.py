@@ -228,22 +228,18 @@ def test_grpc_greedy_streams_identical_to_torch_backend(checkpoint, export_dir):
             with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: continuous batching with joins/leaves
                 return info, list(pool.map(one, enumerate(prompts)))
 
-    def serving(server):  # the generation service: its backend and its scheduler's model thread
-        return next(svc for svc in server.app.services if hasattr(svc, "scheduler"))
-
-    def model_thread_torch_threads(server) -> int:
-        return serving(server).scheduler.executor.submit(torch.get_num_threads).result()
-
     cores = len(os.sched_getaffinity(0))
     with InProcessServer(["--checkpoint", str(export_dir), "--backend", "onnx", "--max-batch", "4"]) as s:
         info, onnx_out = generate_all(s)
         # ORT runs the model on every core; torch only samples, on one thread that never spins beside ORT's
-        assert serving(s).backend.session.get_session_options().intra_op_num_threads == cores
-        assert model_thread_torch_threads(s) == 1
+        assert s.model_process_info() == {"intra_op_threads": cores, "torch_threads": 1}
     assert (info.backend, info.device, info.dtype) == ("onnx", "cpu", "float32")
     with InProcessServer(["--checkpoint", str(checkpoint), "--max-batch", "4"]) as s:
         _, torch_out = generate_all(s)
-        assert model_thread_torch_threads(s) == cores
+        # a toy model runs on one thread (server.backends.base.model_threads); --threads sets its count
+        assert s.model_process_info()["torch_threads"] == 1
+    with InProcessServer(["--checkpoint", str(checkpoint), "--max-batch", "4", "--threads", str(cores)]) as s:
+        assert s.model_process_info()["torch_threads"] == cores
     assert onnx_out == torch_out
     assert all(ids for ids, _ in onnx_out)
     model, tokenizer, _ = load_checkpoint(checkpoint)

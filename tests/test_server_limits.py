@@ -94,7 +94,7 @@ def test_large_texts_are_tokenized_by_the_worker_process_not_the_server(checkpoi
             prompt = text_of(CONTEXT)[:CONTEXT - 1] + " " * (8192 - CONTEXT)  # over ON_LOOP_CHARS, fits
             assert stub.Tokenize(pb.TokenizeRequest(text=prompt), timeout=60).token_ids  # starts the worker
             proc = psutil.Process(server.proc.pid)
-            (worker,) = proc.children()
+            (worker,) = [c for c in proc.children() if "server.tokenize_worker" in c.cmdline()]  # not the model's
             before = proc.cpu_times(), worker.cpu_times()
             for _ in range(3):
                 stub.Tokenize(pb.TokenizeRequest(text=text_of(LIMIT - 100)), timeout=60)

@@ -30,6 +30,23 @@ class Backend(Stepper, Protocol):
     torch_threads: int | None
 
 
+ONE_THREAD_PARAMS = 1_000_000
+
+
+def model_threads(backend: Backend, threads: int) -> int | None:
+    """The model thread's torch threads: the backend's own, else `threads` (--threads), else one for a model under
+    ONE_THREAD_PARAMS parameters, else None: one per core that jobs leave (server.engine.Engine.share_cores).
+
+    A model that small runs a decode step as fast on one thread as on two (its products are too small to share),
+    and a second thread's OpenMP spinning after every op takes the core that the streams and their clients need
+    (docs/performance-log.md, "One thread for tiny models")."""
+    if backend.torch_threads:
+        return backend.torch_threads
+    if threads:
+        return threads
+    return 1 if backend.num_params < ONE_THREAD_PARAMS else None
+
+
 def warmup(backend: Backend) -> None:
     """Run a small prefill and decode (two rows of different lengths, so the padded path too) so the first
     real request pays no one-off costs."""

@@ -21,6 +21,7 @@ from server.backends.base import Backend
 from server.engine import Engine, EngineSettings
 from server.errors import ResourceExhausted, Unavailable, call_end_code
 from server.generate_request import ON_LOOP_CHARS, Limits, TextRequest, parse_generate
+from server.model_catalog import auto_max_batch, config_of
 from server.models import ModelRegistry, model_info, registry_of
 from server.scheduler import NotAccepting, QueueFull, Scheduler
 from server.sequence import Sequence
@@ -30,6 +31,7 @@ from server.text_output import Chunk, TextOutput
 from server.tokenize_worker import TokenizeWorker
 from ulm.quantize import check_quantize
 
+STREAM_INTERVAL = 16
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 
 
@@ -40,24 +42,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--quantize", help="int8: the torch backend's Linear weights in int8 (FBGEMM dynamic "
                                       "quantization, CPU); the default model's only")
-    g.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
+    g.add_argument("--max-batch", type=int, default=0,
+                   help="requests decoded together (KV cache slots); 0 = as many as fit in 2.5 GiB of KV cache, "
+                        "at most 64")
     g.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more get RESOURCE_EXHAUSTED")
     g.add_argument("--default-max-new-tokens", type=int, default=128,
                    help="used when a request asks for 0")
     g.add_argument("--max-new-tokens", type=int, default=4096,
                    help="the most a request may ask for (past the model's context, its window slides)")
+    g.add_argument("--stream-interval", type=int, default=STREAM_INTERVAL,
+                   help="the most tokens a stream gets in one message: when the server's per-stream work falls "
+                        "behind the model, the model runs up to this many steps between two looks at the streams "
+                        "(1: a message per token always)")
     g.add_argument("--threads", type=int, default=0,
                    help="model threads (torch's, and ONNX Runtime's intra-op); 0 = one per core")
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    for flag in ("max_batch", "default_max_new_tokens", "max_new_tokens"):
+    for flag in ("default_max_new_tokens", "max_new_tokens", "stream_interval"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.default_max_new_tokens > args.max_new_tokens:
         raise ValueError(f"--default-max-new-tokens ({args.default_max_new_tokens}) exceeds --max-new-tokens "
                          f"({args.max_new_tokens})")
+    if args.max_batch < 0:
+        raise ValueError(f"--max-batch must be >= 0 (0: sized by the model), got {args.max_batch}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not args.checkpoint:
@@ -77,8 +87,10 @@ class GenerationService(pb_grpc.TextGenerationServicer):
         check_flags(args)
         self.args = args
         self.limits = Limits(args.max_new_tokens, args.default_max_new_tokens)
-        self.engine = Engine(EngineSettings(args.backend, args.checkpoint, args.device, args.max_batch,
-                                            args.max_queue, args.threads, getattr(args, "quantize", None)),
+        slots = args.max_batch or auto_max_batch(config_of(args.checkpoint))
+        self.engine = Engine(EngineSettings(args.backend, args.checkpoint, args.device, slots,
+                                            args.max_queue, args.threads, getattr(args, "quantize", None),
+                                            args.stream_interval),
                              shared.metrics)  # the default model's
         self.models: ModelRegistry = registry_of(args, shared)
         self.tokenizing = TokenizeWorker()  # large texts, in a process of their own
