@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 TORCH_WHEELS ?= /opt/wheels
 UV := uv==0.13.9
 
-.PHONY: install serve test bench lock lock-upgrade clean
+.PHONY: install serve test bench cuda-check lock lock-upgrade clean
 
 install: $(STAMP)
 
@@ -36,6 +36,18 @@ bench: install
 	$(PY) -m bench.decode --presets toy,gpt2-small
 	$(PY) -m bench.serving --preset gpt2-small
 	$(PY) -m bench.train
+
+# On a machine with an NVIDIA GPU: every CUDA path's tests (the torch backend and the server on cuda, ONNX Runtime's
+# CUDA provider, bf16 and nccl training), then GPT-2-small's decode and serving benchmarks on cuda, in about five
+# minutes. CUDA_PY: a Python whose torch is a CUDA build, with this project installed (the venv's is the CPU wheel).
+CUDA_PY ?= $(PY)
+CUDA_OUT := build/bench/cuda
+
+cuda-check:
+	$(CUDA_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'cuda-check: this torch sees no CUDA device (set CUDA_PY)')"
+	$(CUDA_PY) -m pytest -q -rs tests/test_cuda.py
+	$(CUDA_PY) -m bench.decode --presets gpt2-small --backends torch,onnx-fp32 --device cuda --repeats 2 --out $(CUDA_OUT)/decode.json
+	$(CUDA_PY) -m bench.serving --preset gpt2-small --backends torch,onnx-fp32 --device cuda --concurrency 1,16 --rounds 1 --out $(CUDA_OUT)/serving.json
 
 # lock: resolve pyproject.toml's dependencies (against torch's CPU wheel) into requirements.lock with hashes,
 # keeping the versions already locked; lock-upgrade: the newest versions it allows. Then `make test`, commit.

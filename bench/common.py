@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "build" / "bench"
 BACKENDS = {"torch": ("torch", None), "torch-int8": ("torch", "int8"), "onnx-fp32": ("onnx", None),
             "onnx-int8": ("onnx", "int8")}
-# the labels bench.serving and bench.soak start servers for (--backend and the directory only; torch-int8 not yet)
-SERVED = {label: spec for label, spec in BACKENDS.items() if label != "torch-int8"}
+SERVED = BACKENDS  # the labels bench.serving and bench.soak start servers for (server_flags)
 
 
 def parse_list(text: str, kind=str, choices=None, name: str = "list") -> list:
@@ -140,6 +139,17 @@ def ensure_export(checkpoint: Path, quantize: str | None, cache: Path = BENCH_DI
         print(log.getvalue())
         raise
     return out
+
+
+def torch_quantize(label: str) -> str | None:
+    """The --quantize of a torch label (torch-int8: "int8"); None for the others (an int8 ONNX model is an export)."""
+    kind, quantize = BACKENDS[label]
+    return quantize if kind == "torch" else None
+
+
+def server_flags(label: str) -> tuple[str, ...]:
+    """`python -m server` flags a label needs besides --backend and --checkpoint."""
+    return ("--quantize", q) if (q := torch_quantize(label)) else ()
 
 
 def backend_dir(label: str, checkpoint: Path, cache: Path = BENCH_DIR) -> tuple[str, Path]:

@@ -47,6 +47,7 @@ from bench.common import (
     machine,
     parse_list,
     save_figure,
+    server_flags,
 )
 from bench.serving import Server
 from clients.load import one_stream
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.backend}, {mode} connections: starting a server ({args.threads} thread(s)); {args.streams} "
                   f"streams, {args.requests} calls ...", flush=True)
             server = Server(kind, directory, args.device, args.threads, args.max_batch,
-                            out.parent / f"soak-server-{args.backend}-{mode}.log")
+                            out.parent / f"soak-server-{args.backend}-{mode}.log", server_flags(args.backend))
             try:
                 run = soak_mode(mode, server.target, server.proc.pid, args)
             finally:

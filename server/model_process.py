@@ -78,7 +78,7 @@ class ProcessRunner:
         """Fork a model process that loads `settings` (server.engine.EngineSettings); raises what loading raised."""
         ctx = forkserver()
         ours, theirs = socket.socketpair()
-        flags = ctx.Array("b", settings.max_batch, lock=False)
+        flags = ctx.Array("b", settings.max_batch + 1, lock=False)  # a byte per slot, then "requests wait"
         process = ctx.Process(target=serve, args=(settings, theirs, flags), name="ulm-model", daemon=True)
         await asyncio.get_running_loop().run_in_executor(None, process.start)
         theirs.close()
@@ -108,6 +108,10 @@ class ProcessRunner:
         """Its caller or the server ended `seq`: the model process leaves it out of its next step."""
         if seq.slot is not None:
             self.flags[seq.slot] = 1
+
+    def waiting(self, yes: bool) -> None:
+        """Requests wait for free slots: the decode pass under way ends after its current step."""
+        self.flags[-1] = int(yes)
 
     async def set_threads(self, n: int) -> None:
         await self._ask(("threads", n))
@@ -193,6 +197,7 @@ def serve(settings, sock: socket.socket, flags) -> None:
                                        backend.config, backend.tokenizer, backend.max_batch, backend.num_params,
                                        model_threads(backend, settings.threads))))
     runner, seqs = ModelRunner(backend), {}
+    runner.requests_wait = lambda: flags[-1] == 1
     while header := stream.read(FRAME.size):
         command = pickle.loads(stream.read(FRAME.unpack(header)[0]))
         try:

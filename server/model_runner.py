@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -25,6 +26,8 @@ class ThreadRunner:
 
     def __init__(self, backend: Backend, executor: ThreadPoolExecutor):
         self.runner, self.executor = ModelRunner(backend), executor
+        self.requests_wait = False
+        self.runner.requests_wait = lambda: self.requests_wait
 
     def prefill(self, released: list[int], seqs: list[Sequence], slots: list[int]) -> asyncio.Future:
         return self._run(self.runner.prefill, released, seqs, slots)
@@ -35,6 +38,9 @@ class ThreadRunner:
 
     def left(self, seq: Sequence) -> None:
         """The runner reads the sequence's own flags."""
+
+    def waiting(self, yes: bool) -> None:
+        self.requests_wait = yes
 
     async def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -51,6 +57,7 @@ class ModelRunner:
         self.backend = backend
         self.held: set[int] = set()  # the slots the backend holds
         self.slides = 0  # sequences that went on past the context (the server counts them)
+        self.requests_wait: Callable[[], bool] = lambda: False  # for free slots: a decode pass ends at its step
 
     def prefill(self, released: list[int], seqs: list[Sequence], slots: list[int]) -> list[list[int]]:
         logits = self._prefill(released, slots, [s.req.prompt_ids for s in seqs])
@@ -61,8 +68,9 @@ class ModelRunner:
 
     def decode(self, released: list[int], seqs: list[Sequence], slots: list[int], steps: int = 1,
                seconds: float = 0.0) -> list[list[int]]:
-        """Decode steps back to back, up to `steps` of them, and no more once `seconds` have passed: each sequence's
-        tokens, in step order. A sequence leaves at its first token that ends it by id, or at the first step after
+        """Decode steps back to back, up to `steps` of them, and no more once `seconds` have passed or requests wait
+        to be admitted (so that they wait a step, not a pass): each sequence's tokens, in step order. A sequence
+        leaves at its first token that ends it by id, or at the first step after
         the loop ended it (cancelled, a stop string, its deadline)."""
         start = time.perf_counter()
         self._release(released)
@@ -78,7 +86,7 @@ class ModelRunner:
                 break
             for (seq, slot), token in zip(live, self._step([seq for seq, _ in live], [slot for _, slot in live])):
                 tokens[slot].append(token)
-            if time.perf_counter() - start >= seconds:
+            if self.requests_wait() or time.perf_counter() - start >= seconds:
                 break
         return [tokens[slot] for slot in slots]
 

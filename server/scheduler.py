@@ -48,6 +48,9 @@ class Runner(Protocol):
     def left(self, seq: Sequence) -> None:
         """Its caller or the server ended `seq` (it still holds its slot): its next step leaves it out."""
 
+    def waiting(self, yes: bool) -> None:
+        """Whether requests wait for free slots: a decode pass under way ends after its current step."""
+
     async def close(self) -> None: ...
 
 
@@ -99,6 +102,8 @@ class Scheduler:
             raise QueueFull(f"{len(self.waiting)} requests waiting for {self.max_batch} slots")
         seq = Sequence(req, listener)
         self.waiting.append(seq)
+        if self.free:
+            self.runner.waiting(True)
         self.metrics.queue_depth.set(len(self.waiting))
         self._idle.clear()
         self._wake.set()
@@ -197,6 +202,7 @@ class Scheduler:
             seq.slot = self.free.pop()
             self.running[seq.slot] = seq
             new.append(seq)
+        self.runner.waiting(bool(self.waiting and self.free))
         return new
 
     def _submit(self, seqs: list[Sequence], prefill: bool) -> Step:
@@ -264,6 +270,8 @@ class Scheduler:
             del self.running[seq.slot]
             self.to_release.append(seq.slot)
             self.free.append(seq.slot)
+            if self.waiting:
+                self.runner.waiting(True)
             seq.slot = None
         self.metrics.finished.labels(reason).inc()
         log.debug("request done (%s): %d prompt + %d generated tokens in %.3f s", reason, len(seq.req.prompt_ids),

@@ -23,6 +23,7 @@ from ulm.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 512  # the toy preset with a longer context, so that long generations can be cut short
+LONG = 4000  # new tokens under the default --max-new-tokens (4096): a second or more, even for a fast toy model
 
 
 def make_toy_checkpoint(directory: Path, seed: int = 0, **shape) -> Path:

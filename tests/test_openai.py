@@ -221,14 +221,15 @@ def test_chat_is_refused_naming_the_missing_template(client):
 def test_closing_a_stream_cancels_the_generation(server, client):
     cancelled = server.metric("ulm_finished_requests_total", reason="cancelled")
     tokens = server.metric("ulm_generated_tokens_total")
-    stream = client.completions.create(model="", prompt="cancel me", max_tokens=CONTEXT - 20, stream=True)
+    many = MAX_NEW_TOKENS  # seconds of work, even at a fast model's several tokens a message
+    stream = client.completions.create(model="", prompt=PROMPT, max_tokens=many, temperature=0, stream=True)
     for _, _ in zip(stream, range(3)):
         pass
     assert server.metric("ulm_running_requests") == 1
     stream.close()
     assert server.wait_until(lambda: server.scheduler.busy_slots == 0, timeout=5)
     assert server.metric("ulm_finished_requests_total", reason="cancelled") == cancelled + 1
-    assert server.metric("ulm_generated_tokens_total") - tokens < CONTEXT - 20  # it stopped generating
+    assert server.metric("ulm_generated_tokens_total") - tokens < many  # it stopped generating
     assert server.metric("ulm_running_requests") == 0
 
 
@@ -261,9 +262,10 @@ def test_http_requests_are_counted_by_route_and_code(server, client):
 
 def test_a_full_queue_is_a_429_with_retry_after(checkpoint):
     argv = ["--checkpoint", str(checkpoint), "--http-port", "0", "--max-batch", "1", "--max-queue", "0",
-            "--max-new-tokens", str(CONTEXT)]
+            "--max-new-tokens", str(MAX_NEW_TOKENS)]
     with InProcessServer(argv) as server, client_of(server) as client:
-        busy = client.completions.create(model="", prompt="busy", max_tokens=CONTEXT - 20, stream=True)
+        busy = client.completions.create(model="", prompt=PROMPT, max_tokens=MAX_NEW_TOKENS, temperature=0,
+                                         stream=True)  # seconds of work
         next(iter(busy))
         with pytest.raises(openai.RateLimitError) as e:
             client.completions.create(model="", prompt=PROMPT, max_tokens=2)

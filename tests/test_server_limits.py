@@ -9,7 +9,7 @@ import time
 import grpc
 import psutil
 import pytest
-from server_fixture import CONTEXT, InProcessServer, SubprocessServer, make_toy_checkpoint
+from server_fixture import CONTEXT, LONG, InProcessServer, SubprocessServer, make_toy_checkpoint
 
 from protos.ulm.v1 import text_generation_pb2 as pb
 from protos.ulm.v1 import text_generation_pb2_grpc as pb_grpc
@@ -144,7 +144,7 @@ def test_every_expired_call_is_counted_as_a_deadline(server, stub):
     def expire(n: int):
         for _ in range(n):
             with pytest.raises(grpc.RpcError) as e:
-                list(stub.Generate(pb.GenerateRequest(prompt="slow", max_new_tokens=CONTEXT - 20), timeout=0.05))
+                list(stub.Generate(pb.GenerateRequest(prompt="slow", max_new_tokens=LONG), timeout=0.05))
             seen.append(e.value.code())
 
     threads = [threading.Thread(target=expire, args=(calls // 4,)) for _ in range(4)]
