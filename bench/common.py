@@ -25,8 +25,8 @@ from ulm.util import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "build" / "bench"
-BACKENDS = {"torch": ("torch", None), "torch-int8": ("torch", "int8"), "onnx-fp32": ("onnx", None),
-            "onnx-int8": ("onnx", "int8")}
+BACKENDS = {"torch": ("torch", None), "torch-int8": ("torch", "int8"), "torch-bf16": ("torch", "bf16"),
+            "onnx-fp32": ("onnx", None), "onnx-int8": ("onnx", "int8")}
 SERVED = BACKENDS  # the labels bench.serving and bench.soak start servers for (server_flags)
 
 
@@ -161,7 +161,8 @@ def backend_dir(label: str, checkpoint: Path, cache: Path = BENCH_DIR) -> tuple[
 def weight_bytes(label: str, directory: Path, cfg) -> int:
     """Bytes of weights one decode step reads: every parameter but the embedding tables (a step gathers one row
     of each; a tied output layer reads the token table whole). int8 exports: their quantized MatMul weights
-    (with scales) in place of the fp32 Linear weights; torch-int8: a byte per Linear weight and a scale per
+    (with scales) in place of the fp32 Linear weights; torch-bf16: two bytes per weight; torch-int8: a byte per
+    Linear weight and a scale per
     output channel (its lm_head's own int8 copy in place of the fp32 token table)."""
     from ulm.model import GPT
 
@@ -174,6 +175,8 @@ def weight_bytes(label: str, directory: Path, cfg) -> int:
     linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
     if BACKENDS[label] == ("torch", "int8"):
         return n + sum(w.numel() + 8 * w.shape[0] - 4 * w.numel() for w in linear.values())
+    if BACKENDS[label] == ("torch", "bf16"):
+        return n // 2
     if BACKENDS[label][1] == "int8":
         from export.quantize import matmul_weight_bytes
         from export.runtime import MODEL_FILE

@@ -2,7 +2,7 @@
 machine's memory read bandwidth, measured here with the same threads), and against transformers' generate().
 
   python -m bench.decode [--presets toy,gpt2-small] [--checkpoint DIR]
-                                 [--backends torch,torch-int8,onnx-fp32,onnx-int8,transformers]
+                                 [--backends torch,torch-int8,torch-bf16,onnx-fp32,onnx-int8,transformers]
                                  [--steps 32] [--batch 16]
                                  [--prompt-len 16] [--repeats 3] [--threads N] [--device cpu|cuda]
                                  [--out build/bench/decode.json] [--cache build/bench]
@@ -10,7 +10,8 @@ machine's memory read bandwidth, measured here with the same threads), and again
 Random-init checkpoints of the presets are written under build/bench/checkpoints (or pass --checkpoint); ONNX
 exports of them are made once and cached. Each backend decodes through the interface the server drives
 (prefill, then one batched decode step per token, greedy): ms per token at batch 1 and aggregate tokens/s at
---batch. torch-int8 is the torch backend with --quantize int8 (ulm.quantize; its roofline reads int8 weights).
+--batch. torch-int8 is the torch backend with --quantize int8 (ulm.quantize; its roofline reads int8 weights),
+torch-bf16 with --quantize bf16 (the model in bf16, on a CPU with native bf16; its roofline reads bf16 weights).
 transformers (when installed) runs GPT2LMHeadModel.generate() on the same weights, converted from the checkpoint
 and checked against it. Repeats are interleaved with bandwidth samples; figures are medians
 (the table also shows the spread of % roofline over rounds). Writes JSON and a PNG plot next to it. With
@@ -214,6 +215,11 @@ def targets(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
     if "torch-int8" in rounds and "torch" in rounds:
         add("torch-int8 speed-up over torch, batch 1", ratio("torch", "torch-int8", "s_per_token_b1"),
             TORCH_INT8_SPEEDUP)
+    if "torch-bf16" in rounds and "torch" in rounds:  # worth choosing where it is faster at all
+        add("torch-bf16 speed-up over torch, batch 1", ratio("torch", "torch-bf16", "s_per_token_b1"), 1.0)
+    if "torch" in rounds and "onnx-fp32" in rounds:
+        add(f"torch over onnx-fp32, aggregate tokens/s at batch {batch}", ratio("onnx-fp32", "torch",
+                                                                                 "s_per_step_batch"), 1.0)
     if HF in rounds:
         for label in ("torch", "onnx-fp32"):
             if label in rounds:

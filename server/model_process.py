@@ -110,7 +110,7 @@ class ProcessRunner:
             self.flags[seq.slot] = 1
 
     def waiting(self, yes: bool) -> None:
-        """Requests wait for free slots: the decode pass under way ends after its current step."""
+        """Requests wait for free slots: decode passes run a quarter of their time (ModelRunner.decode)."""
         self.flags[-1] = int(yes)
 
     async def set_threads(self, n: int) -> None:

@@ -57,7 +57,7 @@ class ModelRunner:
         self.backend = backend
         self.held: set[int] = set()  # the slots the backend holds
         self.slides = 0  # sequences that went on past the context (the server counts them)
-        self.requests_wait: Callable[[], bool] = lambda: False  # for free slots: a decode pass ends at its step
+        self.requests_wait: Callable[[], bool] = lambda: False  # for free slots: decode passes are shorter
 
     def prefill(self, released: list[int], seqs: list[Sequence], slots: list[int]) -> list[list[int]]:
         logits = self._prefill(released, slots, [s.req.prompt_ids for s in seqs])
@@ -68,10 +68,10 @@ class ModelRunner:
 
     def decode(self, released: list[int], seqs: list[Sequence], slots: list[int], steps: int = 1,
                seconds: float = 0.0) -> list[list[int]]:
-        """Decode steps back to back, up to `steps` of them, and no more once `seconds` have passed or requests wait
-        to be admitted (so that they wait a step, not a pass): each sequence's tokens, in step order. A sequence
-        leaves at its first token that ends it by id, or at the first step after
-        the loop ended it (cancelled, a stop string, its deadline)."""
+        """Decode steps back to back, up to `steps` of them, and no more once `seconds` have passed, or a quarter of
+        them while requests wait for free slots (they wait less; every step of a pass is a message per stream
+        less): each sequence's tokens, in step order. A sequence leaves at its first token that ends it by id, or
+        at the first step after the loop ended it (cancelled, a stop string, its deadline)."""
         start = time.perf_counter()
         self._release(released)
         tokens: dict[int, list[int]] = {slot: [] for slot in slots}
@@ -86,7 +86,7 @@ class ModelRunner:
                 break
             for (seq, slot), token in zip(live, self._step([seq for seq, _ in live], [slot for _, slot in live])):
                 tokens[slot].append(token)
-            if self.requests_wait() or time.perf_counter() - start >= seconds:
+            if time.perf_counter() - start >= (seconds / 4 if self.requests_wait() else seconds):
                 break
         return [tokens[slot] for slot in slots]
 

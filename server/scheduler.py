@@ -49,7 +49,7 @@ class Runner(Protocol):
         """Its caller or the server ended `seq` (it still holds its slot): its next step leaves it out."""
 
     def waiting(self, yes: bool) -> None:
-        """Whether requests wait for free slots: a decode pass under way ends after its current step."""
+        """Whether requests wait for free slots: decode passes are shorter meanwhile."""
 
     async def close(self) -> None: ...
 

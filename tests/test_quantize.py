@@ -33,10 +33,19 @@ LOGITS_BOUND, AGREEMENT_BOUND, PPL_BOUND = 0.05, 0.95, 0.01
 NEAR_TIE = 0.5  # nats between fp32's top token and int8's choice where greedy texts part
 
 
-def int8_copy(model: GPT) -> GPT:
+BF16 = pytest.param("bf16", marks=pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                                      reason="this CPU has no native bf16 (AVX-512 BF16 or AMX)"))
+KINDS = ["int8", BF16]
+
+
+def reduced_copy(model: GPT, kind: str = "int8") -> GPT:
     q = GPT(model.config)
     q.load_state_dict(model.state_dict())
-    return q.prepare_for_inference(quantize="int8")
+    return q.prepare_for_inference(quantize=kind)
+
+
+def int8_copy(model: GPT) -> GPT:
+    return reduced_copy(model, "int8")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,11 +92,12 @@ def trained(tmp_path_factory):
     return model, ckpt, tok, ids[:n].view(-1, 64), ids[1:n + 1].view(-1, 64)
 
 
-def test_greedy_tokens_and_perplexity_match_fp32(trained):
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_tokens_and_perplexity_match_fp32(trained, kind):
     model, _, _, x, y = trained
-    q = int8_copy(model)
+    q = reduced_copy(model, kind)
     with torch.inference_mode():
-        ref, out = model(x), q(x)
+        ref, out = model(x), q(x).float()
     agreement = float((ref.argmax(-1) == out.argmax(-1)).float().mean())
     assert agreement >= AGREEMENT_BOUND, agreement
     ppl = [float(F.cross_entropy(logits.flatten(0, 1), y.flatten()).exp()) for logits in (ref, out)]
@@ -95,11 +105,12 @@ def test_greedy_tokens_and_perplexity_match_fp32(trained):
     assert abs(ppl[1] / ppl[0] - 1) <= PPL_BOUND, ppl
 
 
-def test_greedy_generation_leaves_fp32_only_at_near_ties(trained):
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generation_leaves_fp32_only_at_near_ties(trained, kind):
     """Free-running greedy texts agree until a step where fp32's own top two tokens are nearly tied (the grammar
     picks subjects, verbs and objects at random, so after such a step the texts differ by design)."""
     model, _, tok, _, _ = trained
-    q = int8_copy(model)
+    q = reduced_copy(model, kind)
     for prompt in ("the cat ", "a small bird ", "my friend looked at "):
         ids = tok.encode(prompt)
         a, b = (generate_ids(m, ids, 48, SamplingParams()) for m in (model, q))
@@ -111,14 +122,15 @@ def test_greedy_generation_leaves_fp32_only_at_near_ties(trained):
         assert k >= 8 and logp[a[k]] - logp[b[k]] < NEAR_TIE, (prompt, k, float(logp[a[k]] - logp[b[k]]))
 
 
-def test_server_quantize_int8_serves_the_in_process_text(trained):
+@pytest.mark.parametrize("kind", KINDS)
+def test_server_quantize_serves_the_in_process_text(trained, kind):
     _, ckpt, tok, _, _ = trained
-    q = load_checkpoint(ckpt)[0].prepare_for_inference(quantize="int8")
+    q = load_checkpoint(ckpt)[0].prepare_for_inference(quantize=kind)
     prompt = "the old man "
     expected = tok.decode(generate_ids(q, tok.encode(prompt), 40, SamplingParams(), tok.eos_id))
-    with InProcessServer(["--checkpoint", str(ckpt), "--quantize", "int8", "--max-batch", "4"]) as server:
+    with InProcessServer(["--checkpoint", str(ckpt), "--quantize", kind, "--max-batch", "4"]) as server:
         service = next(s for s in server.app.services if s.name == "ulm.v1.TextGeneration")
-        assert model_info("m", service.engine).dtype == "int8"
+        assert model_info("m", service.engine).dtype == kind
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.TextGenerationStub(channel)
             messages = list(stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=40), timeout=30))
@@ -126,7 +138,7 @@ def test_server_quantize_int8_serves_the_in_process_text(trained):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--quantize", "int4"], "--quantize must be one of int8, got 'int4'"),
+    (["--quantize", "int4"], "--quantize must be one of int8, bf16, got 'int4'"),
     (["--quantize", "int8", "--backend", "onnx"], "--quantize is for the torch backend"),
 ])
 def test_bad_server_quantize_is_a_one_line_error(trained, tmp_path, caplog, argv, message):
@@ -149,6 +161,12 @@ def test_generate_quantize_int8(trained, capsys):
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="checks the message on a CPU without bf16")
+def test_bf16_is_refused_where_the_cpu_would_emulate_it():
+    with pytest.raises(ValueError, match="needs a CPU that computes in bf16"):
+        check_quantize("bf16", "cpu")
+
+
 def test_quantize_refuses_cuda_and_unknown_kinds():
     with pytest.raises(ValueError, match="must be one of int8"):
         quantize_for_inference(GPT(gpt_preset("toy")), "int4")
@@ -165,3 +183,14 @@ def test_bench_roofline_reads_int8_weights(trained):
     linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
     saved = sum(3 * w.numel() - 8 * w.shape[0] for w in linear.values())  # 4 bytes -> 1, and a scale a channel
     assert int8 == fp32 - saved and int8 < fp32 / 2
+    assert weight_bytes("torch-bf16", ckpt, model.config) == fp32 // 2  # two bytes a weight, tables alike
+
+
+@pytest.mark.parametrize("kind", [BF16])
+def test_bf16_keeps_its_kv_cache_and_products_in_bf16(trained, kind):
+    from server.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend(trained[1], "cpu", 2, quantize=kind)
+    assert backend.dtype == "bf16" and backend.cache.k.dtype == torch.bfloat16
+    assert {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
+    assert backend.prefill([0], [[1, 2, 3]]).dtype == torch.float32  # the logits come back in fp32

@@ -66,7 +66,8 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", help="int8: Linear weights in int8 (FBGEMM dynamic quantization, CPU)")
+    p.add_argument("--quantize", help="int8: Linear weights in int8 (FBGEMM dynamic quantization, CPU); bf16: the "
+                                      "model in bf16 (a CPU with AVX-512 BF16 or AMX, or a GPU)")
     p.set_defaults(func=run_generate)
 
 

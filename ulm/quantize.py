@@ -1,4 +1,9 @@
-"""Reduced-precision CPU inference: int8 weights through torch's dynamic int8 Linear (FBGEMM).
+"""Reduced-precision inference: int8 weights through torch's dynamic int8 Linear (FBGEMM, CPU), or the whole model in
+bf16 where the processor computes in bf16 natively (oneDNN's AVX-512 BF16 or AMX kernels; a GPU with bf16).
+
+bf16 (`quantize="bf16"`) casts every parameter, and so the KV cache, to bfloat16: a step reads half the fp32
+bytes, products run in oneDNN's bf16 kernels with fp32 accumulation, and the logits come back as fp32. A CPU without
+native bf16 (AVX2 only, such as Zen 3) would emulate it slower than fp32, so it is refused there.
 
 quantize_for_inference swaps a model's fp32 nn.Linear layers for torch.ao.nn.quantized.dynamic.Linear: each weight
 is quantized once, per output channel (symmetric, int8) and packed for FBGEMM; each product quantizes its input
@@ -24,7 +29,7 @@ import torch.nn as nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "bf16")
 ENGINES = ("x86", "fbgemm")  # torch's quantized engines whose dynamic Linear runs on FBGEMM
 
 
@@ -34,10 +39,22 @@ def check_quantize(quantize: str | None, device: str = "cpu") -> None:
         return
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if quantize == "bf16":
+        check_bf16(device)
+        return
     if device != "cpu":
         raise ValueError(f"--quantize {quantize} is for the CPU (FBGEMM), not {device}")
     if not any(e in torch.backends.quantized.supported_engines for e in ENGINES):
         raise ValueError(f"--quantize {quantize} needs torch's FBGEMM engine (x86), which this build lacks")
+
+
+def check_bf16(device: str) -> None:
+    if device == "cuda":
+        if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+            raise ValueError("--quantize bf16 needs a GPU that computes in bf16, and torch sees none")
+    elif not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError("--quantize bf16 needs a CPU that computes in bf16 (AVX-512 BF16 or AMX); this one would "
+                         "emulate it, slower than fp32: use --quantize int8")
 
 
 def use_fbgemm() -> None:
@@ -68,10 +85,13 @@ def int8_linear(linear: nn.Linear) -> Int8Linear:
 
 @torch.no_grad()
 def quantize_for_inference(model: nn.Module, quantize: str = "int8") -> nn.Module:
-    """Swap every fp32 nn.Linear of a CPU model for an Int8Linear; returns it in eval mode. Tied tables stay
+    """int8: swap every fp32 nn.Linear of a CPU model for an Int8Linear; bf16: cast the model to bf16 (see the
+    module docstring). Returns it in eval mode. Tied tables stay
     fp32 where they are also embeddings. Call before ulm.inference.prepare_for_inference (which then lays out
     whatever fp32 Linear is left) and after loading the weights; the quantized model does not train."""
     check_quantize(quantize, next(model.parameters()).device.type)
+    if quantize == "bf16":
+        return model.to(torch.bfloat16).eval()
     use_fbgemm()
     for parent in list(model.modules()):
         for name, m in parent.named_children():

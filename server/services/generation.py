@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--quantize", help="int8: the torch backend's Linear weights in int8 (FBGEMM dynamic "
-                                      "quantization, CPU); the default model's only")
+                                      "quantization, CPU); bf16: the model in bf16 (a CPU with AVX-512 BF16 or "
+                                      "AMX, or a GPU); the default model's only")
     g.add_argument("--max-batch", type=int, default=0,
                    help="requests decoded together (KV cache slots); 0 = as many as fit in 2.5 GiB of KV cache, "
                         "at most 64")
