@@ -225,7 +225,8 @@ def weight_products(label: str, backend, directory: Path) -> Callable[[], None] 
         from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
         linears = [m for m in backend.model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
-        inputs = [torch.zeros(1, 1, m.in_features) for m in linears]
+        dtype = next(backend.model.parameters()).dtype  # bf16 models take bf16 inputs
+        inputs = [torch.zeros(1, 1, m.in_features, dtype=dtype) for m in linears]
 
         @torch.inference_mode()
         def torch_pass() -> None:

@@ -187,6 +187,20 @@ def test_bench_roofline_reads_int8_weights(trained):
 
 
 @pytest.mark.parametrize("kind", [BF16])
+def test_bf16_logits_are_close_to_fp32_through_the_packed_kernels(kind):
+    """A model whose products are large enough for oneDNN's packed bf16 kernels (fused GELU included), at one row
+    (decoding) and at several."""
+    torch.manual_seed(0)
+    model = GPT(gpt_preset("toy", n_embd=256, n_head=4)).eval()
+    q = reduced_copy(model, kind)
+    assert q.blocks[0].attn.in_proj.packed is not None and q.blocks[0].mlp.fc.post_op == "gelu"
+    for shape in ((1, 1), (3, 12)):
+        idx = torch.randint(model.config.vocab_size, shape)
+        with torch.inference_mode():
+            assert relative_error(q(idx).float(), model(idx)) < 0.02
+
+
+@pytest.mark.parametrize("kind", [BF16])
 def test_bf16_keeps_its_kv_cache_and_products_in_bf16(trained, kind):
     from server.backends.torch_backend import TorchBackend
 
