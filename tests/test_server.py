@@ -171,7 +171,8 @@ def test_startup_objects_are_frozen_out_of_the_collector(server):
         cycle = []
         cycle.append(cycle)
         del cycle  # unreachable now, but for the collector
-        assert gc.collect() >= 1 and gc.get_freeze_count() == before
+        # the collection thaws nothing (a frozen object may still die by reference counting, as any object may)
+        assert gc.collect() >= 1 and before - 1000 < gc.get_freeze_count() <= before
     finally:
         gc.enable()
 
