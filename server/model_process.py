@@ -13,7 +13,8 @@ server.model_runner's passes on the slots' sequences, which it keeps itself.
 
 Frames are an 8-byte length and a pickle, over a socket pair; the server reads its end on the event loop. A
 sequence ended by its caller (cancelled, a stop string, shutdown) is flagged in a shared byte per slot, which the
-model process reads before each step of a pass; deadlines are on time.monotonic(), the same clock in both.
+model process reads before each step of a pass; deadlines are on time.monotonic(), the same clock in both. A model
+process that dies fails the passes in flight (their sequences end with an error) and another is started.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from server.sequence import Sequence, TokenRequest
 from ulm.config import GPTConfig
@@ -60,6 +62,15 @@ class BackendInfo:
     torch_threads: int | None
 
 
+class Pipe(NamedTuple):
+    """A model process and the server's ends of what connects them."""
+
+    process: multiprocessing.process.BaseProcess
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    flags: object  # a shared byte array: one per slot (the sequence left), then "requests wait"
+
+
 class ModelProcessEnded(RuntimeError):
     """The model process exited (killed, out of memory, crashed)."""
 
@@ -67,31 +78,24 @@ class ModelProcessEnded(RuntimeError):
 class ProcessRunner:
     """The server side: sends each pass to the model process and resolves its future with the reply."""
 
-    def __init__(self, process, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flags):
-        self.process, self.reader, self.writer, self.flags = process, reader, writer, flags
+    def __init__(self, settings, pipe: Pipe):
+        self.settings = settings
         self.pending: deque[asyncio.Future] = deque()
-        self.ended: str | None = None
-        self._replies = asyncio.get_running_loop().create_task(self._read_replies(), name="model-process replies")
+        self.ended: str | None = None  # why passes fail at once: the process ended (and is being restarted)
+        self.closing = False
+        self.threads: int | None = None  # the torch threads last set (Engine.share_cores)
+        self._restarting: asyncio.Task | None = None
+        self._attach(pipe)
 
     @classmethod
     async def start(cls, settings) -> tuple[ProcessRunner, BackendInfo]:
         """Fork a model process that loads `settings` (server.engine.EngineSettings); raises what loading raised."""
-        ctx = forkserver()
-        ours, theirs = socket.socketpair()
-        flags = ctx.Array("b", settings.max_batch + 1, lock=False)  # a byte per slot, then "requests wait"
-        process = ctx.Process(target=serve, args=(settings, theirs, flags), name="ulm-model", daemon=True)
-        await asyncio.get_running_loop().run_in_executor(None, process.start)
-        theirs.close()
-        reader, writer = await asyncio.open_connection(sock=ours)
-        try:
-            kind, payload = await read_frame(reader)
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            writer.close()
-            raise ModelProcessEnded(f"the model process ended while loading (exit {process.exitcode})") from e
-        if kind == "error":
-            writer.close()
-            raise payload  # the loading error itself, for the caller's message
-        return cls(process, reader, writer, flags), payload
+        pipe, info = await spawn(settings)
+        return cls(settings, pipe), info
+
+    def _attach(self, pipe: Pipe) -> None:
+        self.process, self.reader, self.writer, self.flags = pipe
+        self._replies = asyncio.get_running_loop().create_task(self._read_replies(), name="model-process replies")
 
     # -- passes -----------------------------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class ProcessRunner:
         self.flags[-1] = int(yes)
 
     async def set_threads(self, n: int) -> None:
+        self.threads = n  # a restarted process takes it too
         await self._ask(("threads", n))
 
     async def info(self) -> dict:
@@ -121,6 +126,9 @@ class ProcessRunner:
         return (await self._ask(("info",)))[0]
 
     async def close(self) -> None:
+        self.closing = True
+        if self._restarting is not None:
+            self._restarting.cancel()
         self.writer.close()
         await asyncio.get_running_loop().run_in_executor(None, self.process.join, 10)
         if self.process.is_alive():
@@ -159,6 +167,44 @@ class ProcessRunner:
                 future = self.pending.popleft()
                 if not future.done():
                     future.set_exception(ModelProcessEnded(self.ended))
+            if not self.closing:
+                log.error("%s; starting another", self.ended)
+                self._restarting = asyncio.get_running_loop().create_task(self._restart(), name="model-process restart")
+
+    async def _restart(self) -> None:
+        """A fresh model process for the same model: the sequences of the old one have failed, their slots are free
+        on the scheduler's side, and the new process holds none."""
+        try:
+            pipe, _ = await spawn(self.settings)
+        except Exception as e:  # it cannot load now either: passes keep failing with the reason
+            self.ended = f"{self.ended}, and a new one failed to load: {e}"
+            log.error("%s", self.ended)
+            return
+        self._attach(pipe)
+        self.ended = None
+        if self.threads is not None:
+            self._ask(("threads", self.threads))
+        log.warning("model process restarted (pid %d)", self.process.pid)
+
+
+async def spawn(settings) -> tuple[Pipe, BackendInfo]:
+    """Fork a model process that loads `settings` and wait until it is ready: (its pipe, what it loaded)."""
+    ctx = forkserver()
+    ours, theirs = socket.socketpair()
+    flags = ctx.Array("b", settings.max_batch + 1, lock=False)  # a byte per slot, then "requests wait"
+    process = ctx.Process(target=serve, args=(settings, theirs, flags), name="ulm-model", daemon=True)
+    await asyncio.get_running_loop().run_in_executor(None, process.start)
+    theirs.close()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    try:
+        kind, payload = await read_frame(reader)
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        writer.close()
+        raise ModelProcessEnded(f"the model process ended while loading (exit {process.exitcode})") from e
+    if kind == "error":
+        writer.close()
+        raise payload  # the loading error itself, for the caller's message
+    return Pipe(process, reader, writer, flags), payload
 
 
 async def read_frame(reader: asyncio.StreamReader):

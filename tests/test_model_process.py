@@ -1,6 +1,6 @@
 """The model in its own process (server/model_process.py) and what the server sizes by the model: several tokens
 per message for a fast model (--stream-interval), slots by KV cache size (--max-batch 0), one thread for a tiny
-model; a model process that dies fails its streams, not the server."""
+model; a model process that dies fails its streams, not the server, and another takes its place."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import grpc
@@ -77,7 +78,7 @@ def test_a_bad_stream_interval_is_one_line_and_exit_2(checkpoint):
     assert len(errors) == 1 and "--stream-interval must be >= 1, got 0" in errors[0], proc.stderr
 
 
-def test_a_killed_model_process_fails_its_streams_and_the_server_goes_on(checkpoint):
+def test_a_killed_model_process_fails_its_streams_and_another_takes_over(checkpoint):
     with InProcessServer(["--checkpoint", str(checkpoint), "--stream-interval", "1"]) as s:
         first, failed = threading.Event(), {}
 
@@ -93,12 +94,21 @@ def test_a_killed_model_process_fails_its_streams_and_the_server_goes_on(checkpo
         reader = threading.Thread(target=long_stream)
         reader.start()
         assert first.wait(30)
-        os.kill(s.engine.runner.process.pid, signal.SIGKILL)
+        killed = s.engine.runner.process.pid
+        os.kill(killed, signal.SIGKILL)
         reader.join(30)
         assert failed["code"] == grpc.StatusCode.INTERNAL and "model process ended" in failed["details"]
-        with grpc.insecure_channel(s.target) as channel:  # the server answers; new streams fail the same way
+        with grpc.insecure_channel(s.target) as channel:  # the server answers, and a new model process serves
             stub = pb_grpc.TextGenerationStub(channel)
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).max_batch == 64
-            with pytest.raises(grpc.RpcError) as e:
-                list(stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=4), timeout=10))
-            assert e.value.code() == grpc.StatusCode.INTERNAL and "model process ended" in e.value.details()
+            deadline, served = time.monotonic() + 30, None
+            while served is None and time.monotonic() < deadline:
+                try:
+                    served = list(stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=NEW), timeout=10))
+                except grpc.RpcError as e:  # while it starts, requests fail at once, saying why
+                    assert e.code() == grpc.StatusCode.INTERNAL and "model process ended" in e.details()
+                    time.sleep(0.1)
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+        assert [t for m in served for t in m.token_ids] == generate_ids(model, tokenizer.encode(PROMPT), NEW,
+                                                                       eos_id=tokenizer.eos_id)
+        assert s.engine.runner.process.pid != killed
