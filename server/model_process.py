@@ -159,6 +159,7 @@ class ProcessRunner:
                 else:
                     future.set_result(tuple(rest))  # (each slot's tokens, context slides)
         except (asyncio.IncompleteReadError, ConnectionError):
+            self.ended = "the model process ended"  # from now on passes fail at once
             await asyncio.get_running_loop().run_in_executor(None, self.process.join, 1)
             self.ended = f"the model process ended (exit {self.process.exitcode})"
             if self.pending:
