@@ -43,8 +43,10 @@ def test_rss_levels_off_over_varied_prompt_lengths(tiny_checkpoint, connections)
     print(f"\n{connections}: RSS start {m['start']:.1f} MiB, half {m['half']:.1f}, end {m['end']:.1f}; peaks "
           f"{m['peak_first_half']:.1f} -> {m['peak_second_half']:.1f}; {run['seconds']:.0f} s")
     assert run["requests"] == REQUESTS and not run["errors"], run["errors"]
-    grew = max(m["end"], m["peak_second_half"]) - m["half"]  # before the fix: ~100 MiB
-    assert grew < 12, f"RSS grew {grew:.1f} MiB over the second {REQUESTS // 2} calls ({m})"
+    # before the fix: ~100 MiB. The server and its model process (and their forkserver) are summed: runs of this
+    # test saw 1-13 MiB of growth in that sum (most of it the model process's first touches of its heap)
+    grew = max(m["end"], m["peak_second_half"]) - m["half"]
+    assert grew < 20, f"RSS grew {grew:.1f} MiB over the second {REQUESTS // 2} calls ({m})"
     assert run["met"], m
 
 
