@@ -74,7 +74,7 @@ class Step:
 class Scheduler:
     def __init__(self, runner: Runner, max_batch: int, max_queue: int, metrics: Metrics, stream_interval: int = 1):
         self.max_batch = max_batch
-        self.stream_interval = stream_interval  # the most decode steps in one pass of the model thread
+        self.stream_interval = stream_interval  # the most decode steps in one pass of the model
         self.max_queue = max_queue
         self.metrics = metrics
         self.runner = runner

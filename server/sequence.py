@@ -51,9 +51,9 @@ class Sequence:
         self.generator = None if req.params.greedy else req.params.make_generator()
         self.tokens: list[int] = []  # the tokens reported so far
         self.slot: int | None = None
-        # model thread only: the prompt and every sampled token; the slot caches ids[start:] (see slide_window)
+        # the model's side only: the prompt and every sampled token; the slot caches ids[start:] (see slide_window)
         self.ids, self.start = list(req.prompt_ids), 0
-        self.next: tuple[int, int] | None = None  # model thread only: (token, position) the next decode feeds
+        self.next: tuple[int, int] | None = None  # the model's side only: (token, position) the next decode feeds
         self.cancelled: str | None = None  # why its caller ended it: "cancelled", "deadline" or "stop"
         self.aborted = False  # the server is shutting down
         self.finished = False

@@ -34,12 +34,12 @@ ONE_THREAD_PARAMS = 1_000_000
 
 
 def model_threads(backend: Backend, threads: int) -> int | None:
-    """The model thread's torch threads: the backend's own, else `threads` (--threads), else one for a model under
+    """The model's torch threads: the backend's own, else `threads` (--threads), else one for a model under
     ONE_THREAD_PARAMS parameters, else None: one per core that jobs leave (server.engine.Engine.share_cores).
 
     A model that small runs a decode step as fast on one thread as on two (its products are too small to share),
     and a second thread's OpenMP spinning after every op takes the core that the streams and their clients need
-    (docs/performance-log.md, "One thread for tiny models")."""
+    (docs/performance-log.md, "The model in its own process")."""
     if backend.torch_threads:
         return backend.torch_threads
     if threads:

@@ -53,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=4096,
                    help="the most a request may ask for (past the model's context, its window slides)")
     g.add_argument("--stream-interval", type=int, default=STREAM_INTERVAL,
-                   help="the most tokens a stream gets in one message: when the server's per-stream work falls "
-                        "behind the model, the model runs up to this many steps between two looks at the streams "
-                        "(1: a message per token always)")
+                   help="the most tokens a stream gets in one message: a decode pass runs up to this many steps "
+                        "while under 10 ms, so a fast model sends several tokens a message and a slow one (10 ms or "
+                        "more a step) one (1: a message per token always)")
     g.add_argument("--threads", type=int, default=0,
                    help="model threads (torch's, and ONNX Runtime's intra-op); 0 = one per core")
 
