@@ -12,9 +12,11 @@ import torch
 from ulm.config import GPTConfig
 
 # One layer's part of a cached step, as MultiHeadAttention takes it (a plain tuple: built per layer per step):
-# (k, v) views (B, nh, L, hs) of the layer's rows, the new tokens' positions input_pos (B, T), `length` (attend
-# to positions [0, length)) and at_end (every row's new tokens are its last `T` positions).
-LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]
+# (k, v) views (B, nh, L, hs) of the layer's rows, where the new tokens go, and `length` (attend to positions
+# [0, length)). `where` None: every row's new T tokens are its last T positions (one slice for all rows); otherwise
+# the flat index (B * nh * T,) of each new (row, head, token) in the layer's cache viewed as (B * nh * L, hs), built
+# once per step for every layer.
+LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]
 
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -28,29 +30,17 @@ def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 
 def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Write this step's keys/values (B, nh, T, hs) in place at each row's positions; return the first `length`
-    cached (B, nh, length, hs). at_end: one slice for every row (a plain copy, not an indexed scatter)."""
-    k_cache, v_cache, input_pos, length, at_end = cache
-    if at_end:
+    cached (B, nh, length, hs): a plain copy into one slice, or one indexed copy (see LayerCache)."""
+    k_cache, v_cache, where, length = cache
+    if where is None:
         T = k.shape[2]
         k_cache.narrow(2, length - T, T).copy_(k)
         v_cache.narrow(2, length - T, T).copy_(v)
-        return k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length)
-    rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
-    k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)  # indexed view is (B, T, nh, hs)
-    v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
-    return k_cache[:, :, :length], v_cache[:, :, :length]
-
-
-def attention_mask(input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """The additive mask (B, 1, T, length) of a cached step: each query sees its row's positions up to its own.
-    None when every row's one new token is at position length - 1 and so sees the whole cache."""
-    B, T = input_pos.shape
-    if T == 1 and (B == 1 or int(input_pos.min()) == length - 1):
-        return None
-    # additive, built once for every layer: SDPA would convert a boolean mask in each of them
-    key_pos = torch.arange(length, device=input_pos.device)
-    allowed = (key_pos[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, L)
-    return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, -math.inf)
+    else:
+        hs = k.shape[3]
+        k_cache.view(-1, hs).index_copy_(0, where, k.reshape(-1, hs).to(k_cache.dtype))
+        v_cache.view(-1, hs).index_copy_(0, where, v.reshape(-1, hs).to(v_cache.dtype))
+    return k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length)
 
 
 class KVCache:
@@ -65,6 +55,7 @@ class KVCache:
         shape = (n_layer, max_batch, n_head, max_len, head_dim)
         self.k = zeros_on_demand(shape, dtype, device)
         self.v = zeros_on_demand(shape, dtype, device)
+        self.masks: dict[torch.dtype, torch.Tensor] = {}  # dtype -> additive causal table (L, L), made when needed
 
     @classmethod
     def for_model(cls, cfg: GPTConfig, max_batch: int, max_len: int | None = None,
@@ -82,10 +73,29 @@ class KVCache:
     def layer(self, i: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i, rows], self.v[i, rows]  # (B, nh, L, hs) views
 
+    def attention_mask(self, input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive mask (B, 1, T, length) of a cached step: each query sees its row's positions up to its own.
+        None when every row's one new token is at position length - 1 and so sees the whole cache. Rows of a causal
+        table (row p: 0 up to key p, -inf after), so that a step builds it in one indexing op, not five; additive,
+        because SDPA would convert a boolean mask in every layer."""
+        B, T = input_pos.shape
+        if T == 1 and (B == 1 or int(input_pos.min()) == length - 1):
+            return None
+        if (table := self.masks.get(dtype)) is None:
+            L = self.max_len
+            table = self.masks[dtype] = torch.full((L, L), -math.inf, dtype=dtype, device=self.k.device).triu_(1)
+        return table.narrow(1, 0, length)[input_pos][:, None]  # (B, 1, T, length)
+
     def layers(self, rows: slice, input_pos: torch.Tensor, length: int, at_end: bool) -> list[LayerCache]:
-        """Each layer's part of a step over cache rows `rows` (views: writes land in the cache)."""
+        """Each layer's part of a step over cache rows `rows` (views: writes land in the cache). at_end: every row's
+        new tokens are its last positions."""
         k, v = self.k, self.v
-        return [(k[i, rows], v[i, rows], input_pos, length, at_end) for i in range(k.shape[0])]
+        where = None
+        if not at_end:
+            B, T = input_pos.shape
+            nh, L = k.shape[2], k.shape[3]
+            where = (torch.arange(B * nh, device=k.device).view(B, nh, 1) * L + input_pos[:, None, :]).view(-1)
+        return [(k[i, rows], v[i, rows], where, length) for i in range(k.shape[0])]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row src into row dst (to keep live rows contiguous)."""

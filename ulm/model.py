@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ulm.config import GPTConfig, Seq2SeqConfig
-from ulm.kv_cache import KVCache, LayerCache, attention_mask, write_kv
+from ulm.kv_cache import KVCache, LayerCache, write_kv
 
 
 class LayerNorm(nn.Module):
@@ -290,7 +290,7 @@ class GPT(nn.Module):
         if kv_cache is None:
             mask, layers = None, [None] * len(self.blocks)
         else:
-            mask = attention_mask(input_pos, length, x.dtype)  # (B, 1, T, length), built once for every layer
+            mask = kv_cache.attention_mask(input_pos, length, x.dtype)  # (B, 1, T, length), once for every layer
             layers = kv_cache.layers(rows, input_pos, length, mask is None)
         causal = kv_cache is None
         for block, cache in zip(self.blocks, layers):
