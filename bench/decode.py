@@ -51,6 +51,7 @@ HF = "transformers"
 TARGETS = {"torch": 0.70, "onnx-fp32": 0.85}  # decode at batch 1, fraction of the roofline
 INT8_SPEEDUP, HF_SPEEDUP = 2.5, 2.0
 TORCH_INT8_SPEEDUP = 2.2  # torch-int8 over torch, batch 1
+GPU_TOKENS_B1 = 1000  # torch on an H100-class GPU, batch 1 (CUDA graphs: server/backends/cuda_graphs.py)
 
 
 # -- transformers' GPT-2 on the same weights ---------------------------------------------------------------
@@ -193,13 +194,13 @@ def summary(label: str, runner: Runner, rounds: list[dict], batch: int) -> dict:
             "products_fraction_of_roofline": med.get("products_fraction_of_roofline"), "rounds": rounds}
 
 
-def targets(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
+def targets(rounds: dict[str, list[dict]], batch: int, device: str = "cpu") -> list[dict]:
     """Each figure against its target; ratios between backends are medians of per-round ratios."""
     out = []
 
-    def add(name: str, values: list[float], target: float) -> None:
+    def add(name: str, values: list[float], target: float, unit: str = "x") -> None:
         v = statistics.median(values)
-        out.append({"name": name, "value": v, "target": target, "met": v >= target,
+        out.append({"name": name, "value": v, "target": target, "unit": unit, "met": v >= target,
                     "rounds_met": sum(x >= target for x in values), "rounds": len(values)})
 
     def ratio(a: str, b: str, key: str) -> list[float]:
@@ -208,7 +209,7 @@ def targets(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
     for label, frac in TARGETS.items():
         if label in rounds:
             add(f"{label} decode batch 1, fraction of roofline",
-                [r["fraction_of_roofline"] for r in rounds[label]], frac)
+                [r["fraction_of_roofline"] for r in rounds[label]], frac, "%")
     if "onnx-int8" in rounds and "onnx-fp32" in rounds:
         add("onnx-int8 speed-up over onnx-fp32, batch 1", ratio("onnx-fp32", "onnx-int8", "s_per_token_b1"),
             INT8_SPEEDUP)
@@ -220,6 +221,9 @@ def targets(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
     if "torch" in rounds and "onnx-fp32" in rounds:
         add(f"torch over onnx-fp32, aggregate tokens/s at batch {batch}", ratio("onnx-fp32", "torch",
                                                                                  "s_per_step_batch"), 1.0)
+    if device == "cuda" and "torch" in rounds:
+        add("torch tokens/s at batch 1 on the GPU (set for H100-class)",
+            [1 / r["s_per_token_b1"] for r in rounds["torch"]], GPU_TOKENS_B1, " tokens/s")
     if HF in rounds:
         for label in ("torch", "onnx-fp32"):
             if label in rounds:
@@ -260,9 +264,9 @@ def report(preset: str, rows: dict[str, dict], goals: list[dict], batch: int, sh
     if not shaped or device != "cpu":
         print("  (the targets are set for the GPT-2-small shape on a 2-core CPU; shown for reference)")
     for g in goals:
-        unit = "%" if "roofline" in g["name"] else "x"
+        unit = g["unit"]
         scale = 100 if unit == "%" else 1
-        print(f"  {g['name']}: {scale * g['value']:.{1 if unit == '%' else 2}f}{unit} "
+        print(f"  {g['name']}: {scale * g['value']:.{2 if unit == 'x' else 1}f}{unit} "
               f"(target >= {scale * g['target']:g}{unit}: {'met' if g['met'] else 'NOT met'}; "
               f"met in {g['rounds_met']} of {g['rounds']} rounds)")
 
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             runners = {label: Runner(label, ckpt, args) for label in backends}
             rounds = measure(runners, args)
             rows = {label: summary(label, runners[label], rounds[label], args.batch) for label in backends}
-            goals = targets(rounds, args.batch)
+            goals = targets(rounds, args.batch, args.device)
             shaped = gpt2_small_shape(next(iter(runners.values())).config)
             report(name, rows, goals, args.batch, shaped, args.device)
             results.append({"preset": name, "checkpoint": str(ckpt), "gpt2_small_shape": shaped,

@@ -154,7 +154,7 @@ def test_bench_decode_writes_results(toy_checkpoint, tmp_path, capsys):
     assert f"bandwidth over the rounds: {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s" in printed
     names = [t["name"] for t in run["targets"]]
     assert "torch decode batch 1, fraction of roofline" in names
-    assert all(set(t) == {"name", "value", "target", "met", "rounds_met", "rounds"} for t in run["targets"])
+    assert all(set(t) == {"name", "value", "target", "unit", "met", "rounds_met", "rounds"} for t in run["targets"])
     assert all(t["rounds"] == 1 and t["rounds_met"] == int(t["met"]) for t in run["targets"])  # one round
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -272,3 +272,14 @@ def test_time_decode_samples_as_asked(toy_checkpoint):
         times = time_decode(backend, 2, 5, prompt_len=4, sampling=params)
         assert len(times) == 5 and all(t > 0 for t in times)
         assert not backend.row_of  # every slot released
+
+
+def test_bench_decode_sets_the_gpu_target_on_cuda_only():
+    """On cuda, torch's tokens/s at batch 1 is checked against the H100-class figure (per round, median)."""
+    rounds = {"torch": [{"s_per_token_b1": s, "s_per_step_batch": 16 * s, "fraction_of_roofline": 0.5}
+                        for s in (0.0008, 0.0012, 0.0009)]}
+    gpu = {t["name"]: t for t in bench_decode.targets(rounds, 16, "cuda")}
+    line = gpu["torch tokens/s at batch 1 on the GPU (set for H100-class)"]
+    assert line["value"] == pytest.approx(1 / 0.0009) and line["met"] and line["rounds_met"] == 2
+    assert line["target"] == bench_decode.GPU_TOKENS_B1 and line["unit"] == " tokens/s"
+    assert not any("GPU" in t["name"] for t in bench_decode.targets(rounds, 16, "cpu"))

@@ -21,12 +21,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 
 
-def step_logits(backend, steps: int = 6) -> list[torch.Tensor]:
-    """The logits of a prefill of PROMPTS and of `steps` greedy decode steps after it, on the CPU."""
-    out = [backend.prefill([0, 1], PROMPTS)]
-    tokens, positions = out[0].argmax(-1).tolist(), [len(p) for p in PROMPTS]
+def step_logits(backend, steps: int = 6, prompts: list[list[int]] = PROMPTS) -> list[torch.Tensor]:
+    """The logits of a prefill of `prompts` and of `steps` greedy decode steps after it, on the CPU."""
+    slots = list(range(len(prompts)))
+    out = [backend.prefill(slots, prompts)]
+    tokens, positions = out[0].argmax(-1).tolist(), [len(p) for p in prompts]
     for _ in range(steps):
-        out.append(backend.decode([0, 1], tokens, positions))
+        out.append(backend.decode(slots, tokens, positions))
         tokens, positions = out[-1].argmax(-1).tolist(), [p + 1 for p in positions]
     return [x.float().cpu() for x in out]
 
@@ -36,6 +37,18 @@ def test_torch_backend_on_cuda_matches_the_cpu(toy_checkpoint):
     assert gpu.cache.k.device.type == "cuda"
     for a, b in zip(step_logits(cpu), step_logits(gpu)):
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cuda_graph_steps_equal_launched_ones(toy_checkpoint, rows):
+    """Decode steps replayed from CUDA graphs give the logits of the same steps launched kernel by kernel; 3 rows
+    replay the 4-row graph with a padding row."""
+    graphed = TorchBackend(toy_checkpoint, "cuda", 4)
+    launched = TorchBackend(toy_checkpoint, "cuda", 4, cuda_graphs=False)
+    assert graphed.graphs is not None and graphed.graphs.buckets == [1, 2, 4] and launched.graphs is None
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [4, 4, 4, 4, 4, 4, 4]][:rows]
+    for a, b in zip(step_logits(launched, 8, prompts), step_logits(graphed, 8, prompts)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
 
 
 def test_the_server_streams_from_cuda_what_the_backend_decodes(toy_checkpoint):

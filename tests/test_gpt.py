@@ -72,8 +72,10 @@ def test_kv_cache_prefill_and_steps_match_full_forward(model, prompt_len):
             assert max_diff(step[0, 0], want[p]) <= TOL, f"step at position {p}"
 
 
-def decode_batch(model: GPT, cache: KVCache, rows: slice, seqs: list[list[int]], prompt_lens: list[int]) -> None:
-    """Padded prefill of each row's prompt, then per-row steps; every logit checked against a full pass."""
+def decode_batch(model: GPT, cache: KVCache, rows: slice, seqs: list[list[int]], prompt_lens: list[int],
+                 static: bool = False) -> None:
+    """Padded prefill of each row's prompt, then per-row steps (GPT.decode_step's with `static`); every logit
+    checked against a full pass."""
     B, T = len(seqs), max(prompt_lens)
     pad = model.config.vocab_size - 1
     idx = torch.tensor([s[:n] + [pad] * (T - n) for s, n in zip(seqs, prompt_lens)])
@@ -86,7 +88,10 @@ def decode_batch(model: GPT, cache: KVCache, rows: slice, seqs: list[list[int]],
         for i in range(len(seqs[0]) - T):  # every row advances by one token at its own position
             pos = lens + i
             tok = torch.tensor([s[p] for s, p in zip(seqs, pos.tolist())])
-            logits = model(tok[:, None], pos[:, None], cache, rows=rows)
+            if static:
+                logits = model.decode_step(tok[:, None], pos[:, None], cache, rows)[:, None]
+            else:
+                logits = model(tok[:, None], pos[:, None], cache, rows=rows)
             for b, (s, p) in enumerate(zip(seqs, pos.tolist())):
                 assert max_diff(logits[b, 0], full_logits(model, s[: p + 1])[-1]) <= TOL, f"row {b} position {p}"
 
@@ -107,6 +112,18 @@ def test_kv_cache_offset_rows_leave_other_rows_alone(model):
     for t in (cache.k, cache.v):
         assert t[:, 2:4].abs().sum() > 0
         assert t[:, :2].abs().sum() == 0 and t[:, 4:].abs().sum() == 0
+
+
+def test_decode_step_attends_over_the_whole_cache_as_forward_does(model):
+    """The fixed-shape step (CUDA graphs) gives a full pass's logits for ragged rows in the middle of the cache, and
+    writes nothing outside its rows."""
+    torch.manual_seed(4)
+    prompt_lens = [4, 1, 8]
+    seqs = [rand_ids(model, 8 + 5) for _ in prompt_lens]
+    cache = KVCache.for_model(model.config, 5, max_len=16)
+    decode_batch(model, cache, slice(1, 4), seqs, prompt_lens, static=True)
+    for t in (cache.k, cache.v):
+        assert t[:, 0].abs().sum() == 0 and t[:, 4].abs().sum() == 0
 
 
 def test_kv_cache_takes_memory_only_where_written():

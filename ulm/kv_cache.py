@@ -75,12 +75,16 @@ class KVCache:
 
     def attention_mask(self, input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The additive mask (B, 1, T, length) of a cached step: each query sees its row's positions up to its own.
-        None when every row's one new token is at position length - 1 and so sees the whole cache. Rows of a causal
-        table (row p: 0 up to key p, -inf after), so that a step builds it in one indexing op, not five; additive,
-        because SDPA would convert a boolean mask in every layer."""
+        None when every row's one new token is at position length - 1 and so sees the whole cache."""
         B, T = input_pos.shape
         if T == 1 and (B == 1 or int(input_pos.min()) == length - 1):
             return None
+        return self.causal_rows(input_pos, length, dtype)
+
+    def causal_rows(self, input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """attention_mask's rows of a causal table (row p: 0 up to key p, -inf after), made once per dtype: a step
+        builds its mask in one indexing op, not five, and without reading a value on the host (CUDA graphs);
+        additive, because SDPA would convert a boolean mask in every layer."""
         if (table := self.masks.get(dtype)) is None:
             L = self.max_len
             table = self.masks[dtype] = torch.full((L, L), -math.inf, dtype=dtype, device=self.k.device).triu_(1)

@@ -299,6 +299,19 @@ class GPT(nn.Module):
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         return self.lm_head.forward(self.ln_f.forward(x))
 
+    def decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache, rows: slice) -> torch.Tensor:
+        """idx, input_pos (B, 1) -> next-token logits (B, V): one token per row of `rows`, written into the cache at
+        its position, attending over all max_len cached positions with the ones after it masked. forward's cached
+        step reads the longest row's length on the host; here shapes depend on B alone and nothing goes to the host,
+        so that a CUDA graph can capture the step (server.backends.cuda_graphs). The masked positions make it cost
+        more than forward's on a CPU."""
+        L = kv_cache.max_len
+        x = self.embed.forward(idx, input_pos)  # (B, 1, C)
+        mask = kv_cache.causal_rows(input_pos, L, x.dtype)  # (B, 1, 1, L)
+        for block, cache in zip(self.blocks, kv_cache.layers(rows, input_pos, L, at_end=False)):
+            x = block.forward(x, attn_mask=mask, cache=cache)
+        return self.lm_head.forward(self.ln_f.forward(x))[:, -1]  # (B, V)
+
     def prepare_for_inference(self, pack: bool = True, max_rows: int | None = None,
                               quantize: str | None = None) -> GPT:
         """ulm.inference.prepare_for_inference: Linear layouts and kernels (int8 with quantize="int8") for

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from server.backends.cuda_graphs import graphed_decode
 from ulm.checkpoint import load_checkpoint
 from ulm.kv_cache import KVCache
 from ulm.quantize import check_quantize
@@ -21,7 +22,7 @@ class TorchBackend:
     torch_threads = None  # the model's own
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", max_batch: int = 32,
-                 quantize: str | None = None):
+                 quantize: str | None = None, cuda_graphs: bool = True):
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but torch sees no CUDA device")
         if max_batch < 1:
@@ -46,6 +47,8 @@ class TorchBackend:
         self.row_of: dict[int, int] = {}  # slot -> cache row
         self.slot_at: list[int] = []  # cache row -> slot, for rows 0..n-1
         self.length: list[int] = []  # cache row -> positions written
+        # on a GPU, steps over every live row replay a captured graph (None: each kernel launched from Python)
+        self.graphs = graphed_decode(self.model, self.cache, max_batch) if device == "cuda" and cuda_graphs else None
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
@@ -70,8 +73,13 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token per slot. Slots are grouped into runs of adjacent rows: one pass when they cover 0..n-1."""
+        """One token per slot. Slots are grouped into runs of adjacent rows: one pass when they cover 0..n-1, replayed
+        from a CUDA graph on a GPU when they are every live row in row order."""
         rows = [self.row_of[s] for s in slots]
+        if self.graphs is not None and rows == list(range(len(self.slot_at))) and max(positions) < self.cache.max_len:
+            for row, p in zip(rows, positions):
+                self.length[row] = p + 1
+            return self.graphs(tokens, positions).float().cpu()
         order = sorted(range(len(slots)), key=rows.__getitem__)
         runs, logits = [], []
         start = 0
