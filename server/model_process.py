@@ -14,7 +14,8 @@ server.model_runner's passes on the slots' sequences, which it keeps itself.
 Frames are an 8-byte length and a pickle, over a socket pair; the server reads its end on the event loop. A
 sequence ended by its caller (cancelled, a stop string, shutdown) is flagged in a shared byte per slot, which the
 model process reads before each step of a pass; deadlines are on time.monotonic(), the same clock in both. A model
-process that dies fails the passes in flight (their sequences end with an error) and another is started.
+process that dies fails the passes in flight (their sequences end with an error) and another is started; requests
+that arrive meanwhile wait for it (`ProcessRunner.ready`).
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class ProcessRunner:
         self.settings = settings
         self.pending: deque[asyncio.Future] = deque()
         self.ended: str | None = None  # why passes fail at once: the process ended (and is being restarted)
+        self.ready = asyncio.Event()  # cleared while a new process is being started: the scheduler holds requests
         self.closing = False
         self.threads: int | None = None  # the torch threads last set (Engine.share_cores)
         self._restarting: asyncio.Task | None = None
@@ -96,6 +98,7 @@ class ProcessRunner:
     def _attach(self, pipe: Pipe) -> None:
         self.process, self.reader, self.writer, self.flags = pipe
         self._replies = asyncio.get_running_loop().create_task(self._read_replies(), name="model-process replies")
+        self.ready.set()
 
     # -- passes -----------------------------------------------------------------------------------------
 
@@ -127,6 +130,7 @@ class ProcessRunner:
 
     async def close(self) -> None:
         self.closing = True
+        self.ready.set()
         if self._restarting is not None:
             self._restarting.cancel()
         self.writer.close()
@@ -160,6 +164,8 @@ class ProcessRunner:
                     future.set_result(tuple(rest))  # (each slot's tokens, context slides)
         except (asyncio.IncompleteReadError, ConnectionError):
             self.ended = "the model process ended"  # from now on passes fail at once
+            if not self.closing:
+                self.ready.clear()  # and the scheduler holds new requests for the next process
             await asyncio.get_running_loop().run_in_executor(None, self.process.join, 1)
             self.ended = f"the model process ended (exit {self.process.exitcode})"
             if self.pending:
@@ -180,6 +186,7 @@ class ProcessRunner:
         except Exception as e:  # it cannot load now either: passes keep failing with the reason
             self.ended = f"{self.ended}, and a new one failed to load: {e}"
             log.error("%s", self.ended)
+            self.ready.set()  # passes fail at once, with the reason
             return
         self._attach(pipe)
         self.ended = None

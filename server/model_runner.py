@@ -28,6 +28,8 @@ class ThreadRunner:
         self.runner, self.executor = ModelRunner(backend), executor
         self.requests_wait = False
         self.runner.requests_wait = lambda: self.requests_wait
+        self.ready = asyncio.Event()  # always: nothing to restart
+        self.ready.set()
 
     def prefill(self, released: list[int], seqs: list[Sequence], slots: list[int]) -> asyncio.Future:
         return self._run(self.runner.prefill, released, seqs, slots)

@@ -48,6 +48,8 @@ class Runner(Protocol):
     def left(self, seq: Sequence) -> None:
         """Its caller or the server ended `seq` (it still holds its slot): its next step leaves it out."""
 
+    ready: asyncio.Event  # cleared while the model's process is being replaced: requests wait for the new one
+
     def waiting(self, yes: bool) -> None:
         """Whether requests wait for free slots: decode passes are shorter meanwhile."""
 
@@ -166,6 +168,16 @@ class Scheduler:
     async def _iteration(self) -> None:
         """Queue the next passes behind the decode step in flight, then handle that step's tokens."""
         self._drop()
+        if not self.runner.ready.is_set():  # the model process died: its passes fail; new requests wait for the next
+            previous, self.ahead = self.ahead, None
+            if previous is not None:
+                await self._collect(previous)
+            else:
+                try:  # a while at a time: the waiting ones' deadlines and cancellations still apply
+                    await asyncio.wait_for(self.runner.ready.wait(), 0.1)
+                except TimeoutError:
+                    pass
+            return
         new = self._admit()
         prefill = self._submit(new, prefill=True) if new else None
         previous = self.ahead

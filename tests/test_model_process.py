@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import types
 
 import grpc
@@ -101,13 +100,8 @@ def test_a_killed_model_process_fails_its_streams_and_another_takes_over(checkpo
         with grpc.insecure_channel(s.target) as channel:  # the server answers, and a new model process serves
             stub = pb_grpc.TextGenerationStub(channel)
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).max_batch == 64
-            deadline, served = time.monotonic() + 30, None
-            while served is None and time.monotonic() < deadline:
-                try:
-                    served = list(stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=NEW), timeout=10))
-                except grpc.RpcError as e:  # while it starts, requests fail at once, saying why
-                    assert e.code() == grpc.StatusCode.INTERNAL and "model process ended" in e.details()
-                    time.sleep(0.1)
+            # sent while the new process may still be starting: it waits for it rather than failing
+            served = list(stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=NEW), timeout=30))
         model, tokenizer, _ = load_checkpoint(checkpoint)
         assert [t for m in served for t in m.token_ids] == generate_ids(model, tokenizer.encode(PROMPT), NEW,
                                                                        eos_id=tokenizer.eos_id)

@@ -293,3 +293,31 @@ def test_a_failed_pass_fails_its_requests_and_the_scheduler_goes_on(checkpoint, 
     for req, result in zip(later, done):
         assert result == expected(reference, req, tok.eos_id)
     assert not backend.violations
+
+
+def test_requests_wait_while_the_model_is_replaced_and_then_run_exactly(checkpoint, reference):
+    """While the runner is not ready (a dead model process being replaced), a request neither runs nor fails; a
+    cancelled one finishes; once the runner is ready again the request runs and equals in-process generation."""
+    backend = StrictBackend(checkpoint)
+    tok = backend.tokenizer
+    req, gone = request(tok, "held", 8), request(tok, "cancelled", 8)
+
+    async def main():
+        s = scheduler(backend)
+        s.runner.ready.clear()
+        s.start()
+        held, cancelled = Stream(s, tok, req), Stream(s, tok, gone)
+        s.cancel(cancelled.seq)
+        gone_result = await asyncio.wait_for(read(cancelled), 5)
+        await asyncio.sleep(0.3)
+        untouched = (held.out.empty(), backend.prefills, held.seq.finished)
+        s.runner.ready.set()
+        result = await asyncio.wait_for(read(held), 30)
+        await s.close()
+        return gone_result, untouched, result
+
+    gone_result, untouched, result = asyncio.run(main())
+    assert gone_result[2] == "cancelled"
+    assert untouched == (True, 0, False)
+    assert result == expected(reference, req, tok.eos_id)
+    assert not backend.violations
