@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import grpc
@@ -106,3 +107,25 @@ def test_a_killed_model_process_fails_its_streams_and_another_takes_over(checkpo
         assert [t for m in served for t in m.token_ids] == generate_ids(model, tokenizer.encode(PROMPT), NEW,
                                                                        eos_id=tokenizer.eos_id)
         assert s.engine.runner.process.pid != killed
+
+
+def test_requests_held_for_a_replacement_that_cannot_load_fail_with_the_reason(checkpoint, tmp_path):
+    """The checkpoint is gone when the model process dies: the replacement fails to load, and a request sent then
+    ends with INTERNAL saying so instead of waiting for ever; the server still answers."""
+    import shutil
+
+    own = tmp_path / "toy"
+    shutil.copytree(checkpoint, own)
+    with InProcessServer(["--checkpoint", str(own)]) as s:
+        assert len(stream(s.target)) > 0
+        shutil.rmtree(own)
+        os.kill(s.engine.runner.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not s.engine.runner.ended and time.monotonic() < deadline:  # a request sent before the server sees
+            time.sleep(0.01)  # the end goes to the dead process and fails as the streams in flight do
+        with pytest.raises(grpc.RpcError) as failed:
+            stream(s.target)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert "failed to load" in failed.value.details()
+        with grpc.insecure_channel(s.target) as channel:
+            assert pb_grpc.TextGenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).max_batch
