@@ -162,8 +162,7 @@ def weight_bytes(label: str, directory: Path, cfg) -> int:
     """Bytes of weights one decode step reads: every parameter but the embedding tables (a step gathers one row
     of each; a tied output layer reads the token table whole). int8 exports: their quantized MatMul weights
     (with scales) in place of the fp32 Linear weights; torch-bf16: two bytes per weight; torch-int8: a byte per
-    Linear weight and a scale per
-    output channel (its lm_head's own int8 copy in place of the fp32 token table)."""
+    Linear weight and a scale per output channel (its lm_head's own int8 copy in place of the fp32 token table)."""
     from ulm.model import GPT
 
     with torch.device("meta"):

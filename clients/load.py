@@ -37,8 +37,8 @@ class Stream:
     last: float = 0.0  # when the latest message came
 
     def arrived(self, n: int, now: float, t0: float) -> None:
-        """A message of n tokens came at `now` (the call started at t0): the server coalesces tokens when the client
-        lags, so a message's gap is shared among its tokens."""
+        """A message of n tokens came at `now` (the call started at t0): a message carries a decode pass's tokens
+        (the server's --stream-interval), so its gap is shared among them."""
         if not n:
             return
         if self.tokens == 0:

@@ -1,4 +1,4 @@
-"""The models a running server serves: one Engine (backend, model thread, scheduler and slots) per loaded model.
+"""The models a running server serves: one Engine (model process, scheduler and slots) per loaded model.
 
 The default model is the --checkpoint one: the generation service builds its engine and loads it here at start,
 under the name its backend reports; an empty GenerateRequest.model picks it. LoadModel adds a model of the data
@@ -165,7 +165,7 @@ class ModelRegistry:
         self.reserved[name], self.sources[name] = estimate, stored.folder.resolve()
         self.loading.add(name)
         try:
-            await engine.start()  # loading and warm-up run in the engine's model thread, off the event loop
+            await engine.start()  # loading and warm-up run in the engine's model process, off the event loop
         except BaseException as e:
             self.forget(name)
             raise load_error(name, e, self.shared) from e

@@ -40,6 +40,8 @@ class Runner(Protocol):
     """Where the forward passes run (server.model_process.ProcessRunner, server.model_runner.ThreadRunner): each
     call queues a pass behind the last and returns its future, (each sequence's tokens, context slides)."""
 
+    ready: asyncio.Event  # cleared while the model's process is being replaced: requests wait for the new one
+
     def prefill(self, released: list[int], seqs: list[Sequence], slots: list[int]) -> asyncio.Future: ...
 
     def decode(self, released: list[int], seqs: list[Sequence], slots: list[int], steps: int,
@@ -47,8 +49,6 @@ class Runner(Protocol):
 
     def left(self, seq: Sequence) -> None:
         """Its caller or the server ended `seq` (it still holds its slot): its next step leaves it out."""
-
-    ready: asyncio.Event  # cleared while the model's process is being replaced: requests wait for the new one
 
     def waiting(self, yes: bool) -> None:
         """Whether requests wait for free slots: decode passes are shorter meanwhile."""
@@ -66,7 +66,7 @@ class NotAccepting(Exception):
 
 @dataclass
 class Step:
-    """A forward pass handed to the model thread; its result is (the sequences it advanced, their tokens)."""
+    """A forward pass handed to the runner; its result is (each sequence's tokens, context slides)."""
 
     seqs: list[Sequence]
     result: asyncio.Future

@@ -51,25 +51,26 @@ class InferenceLinear(nn.Linear):
         # self.act.forward, not self.act(...): nn.Module.__call__ costs more than a small product (decoding)
         if torch.is_grad_enabled():
             return self.act.forward(F.linear(x, self.weight, self.bias))
-        rows, threads = x.numel() // self.in_features, torch.get_num_threads()
-        one_row = rows == 1
+        rows = x.numel() // self.in_features
         if self.bf16:
             return self.bf16_product(x, rows)
+        threads, one_row = torch.get_num_threads(), rows == 1
         if one_row and threads > 1 and self.one_row_packed and self.in_features % threads == 0:
             return self.split_product(x, threads)
         if self.packed is not None and rows <= self.max_rows and (not one_row or (
                 self.one_row_packed and (self.in_features > self.out_features or threads > 1))):
-            # the resolved overload: the op packet's Python dispatch would be paid on every call
-            return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, self.bias, self.post_op, [],
-                                                               self.algorithm)
+            return self.packed_product(x)
         return self.act.forward(F.linear(x, self.weight, self.bias))
+
+    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        # the resolved overload: the op packet's Python dispatch would be paid on every call
+        return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, self.bias, self.post_op, [], self.algorithm)
 
     def bf16_product(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """bf16 weights: oneDNN's packed bf16 kernel for any row count up to max_rows, one row included (GPT-2-small's
         49 products at one row: 11.3 ms packed, 15.1 ms through F.linear, against 15.9 ms of the fp32 layout)."""
         if self.packed is not None and rows <= self.max_rows:
-            return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, self.bias, self.post_op, [],
-                                                               self.algorithm)
+            return self.packed_product(x)
         return self.act.forward(F.linear(x, self.weight, self.bias))
 
     def split_product(self, x: torch.Tensor, n: int) -> torch.Tensor:

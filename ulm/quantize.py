@@ -86,9 +86,9 @@ def int8_linear(linear: nn.Linear) -> Int8Linear:
 @torch.no_grad()
 def quantize_for_inference(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """int8: swap every fp32 nn.Linear of a CPU model for an Int8Linear; bf16: cast the model to bf16 (see the
-    module docstring). Returns it in eval mode. Tied tables stay
-    fp32 where they are also embeddings. Call before ulm.inference.prepare_for_inference (which then lays out
-    whatever fp32 Linear is left) and after loading the weights; the quantized model does not train."""
+    module docstring). Returns it in eval mode. Tied tables stay fp32 where they are also embeddings. Call before
+    ulm.inference.prepare_for_inference (which then lays out whatever fp32 Linear is left) and after loading the
+    weights; the quantized model does not train."""
     check_quantize(quantize, next(model.parameters()).device.type)
     if quantize == "bf16":
         return model.to(torch.bfloat16).eval()

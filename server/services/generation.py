@@ -1,4 +1,4 @@
-"""ulm.v1.TextGeneration: streaming generation over the engines (backend, model thread, scheduler) of the models.
+"""ulm.v1.TextGeneration: streaming generation over the engines (model process, scheduler) of the models.
 
 A Generate call: pick the engine of the model it names (server.models.ModelRegistry; empty = the default, the
 --checkpoint one, whose engine this service builds and loads at start), parse and tokenize the request
