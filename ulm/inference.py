@@ -29,7 +29,7 @@ class InferenceLinear(nn.Linear):
     """
 
     POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
-    PACK_MIN, ONE_ROW_MIN = 1 << 14, 1 << 18
+    PACK_MIN, ONE_ROW_MIN = 1 << 16, 1 << 18
     MAX_ROWS = 32  # the default bound on oneDNN's row counts (the server's default batch)
 
     def __init__(self, linear: nn.Linear, pack: bool, activation: str | None = None, max_rows: int | None = None):
