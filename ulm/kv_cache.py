@@ -56,6 +56,7 @@ class KVCache:
         self.k = zeros_on_demand(shape, dtype, device)
         self.v = zeros_on_demand(shape, dtype, device)
         self.masks: dict[torch.dtype, torch.Tensor] = {}  # dtype -> additive causal table (L, L), made when needed
+        self.row_starts: dict[int, torch.Tensor] = {}  # B -> where each (row, head) starts in a flat layer (B, nh, 1)
 
     @classmethod
     def for_model(cls, cfg: GPTConfig, max_batch: int, max_len: int | None = None,
@@ -96,9 +97,10 @@ class KVCache:
         k, v = self.k, self.v
         where = None
         if not at_end:
-            B, T = input_pos.shape
-            nh, L = k.shape[2], k.shape[3]
-            where = (torch.arange(B * nh, device=k.device).view(B, nh, 1) * L + input_pos[:, None, :]).view(-1)
+            B = input_pos.shape[0]
+            if (starts := self.row_starts.get(B)) is None:  # made once per row count: a third of the index's cost
+                starts = self.row_starts[B] = torch.arange(B * k.shape[2], device=k.device).view(B, -1, 1) * k.shape[3]
+            where = (starts + input_pos.unsqueeze(1)).view(-1)
         return [(k[i, rows], v[i, rows], where, length) for i in range(k.shape[0])]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
