@@ -77,7 +77,7 @@ class TorchBackend:
         """One token per slot. The usual step, every live row in row order, is one pass over rows 0..n-1 (replayed
         from a CUDA graph on a GPU); otherwise slots are grouped into runs of adjacent rows, a pass each."""
         rows = [self.row_of[s] for s in slots]
-        if rows == list(range(len(self.slot_at))):
+        if rows and rows == list(range(len(self.slot_at))):
             if self.graphs is not None and max(positions) < self.cache.max_len:
                 logits = self.graphs(tokens, positions)
             else:
