@@ -61,6 +61,25 @@ def test_prepared_model_gives_the_same_logits(activation, width, torch_threads):
     torch.testing.assert_close(model.state_dict()["blocks.0.mlp.fc.weight"], ref.state_dict()["blocks.0.mlp.fc.weight"])
 
 
+
+def test_prepared_modules_find_their_children_directly_and_follow_reassignment():
+    """prepare_for_inference binds submodules and parameters as plain attributes (no nn.Module.__getattr__ per
+    lookup): they are the registered ones, and a module or parameter assigned afterwards is the one used."""
+    torch.manual_seed(0)
+    ref = GPT(gpt_preset("toy")).eval()
+    model = GPT(gpt_preset("toy"))
+    model.load_state_dict(ref.state_dict())
+    model.prepare_for_inference()
+    for m in model.modules():
+        for name, child in [*m._modules.items(), *m._parameters.items()]:
+            assert m.__dict__[name] is child, name
+    idx = torch.randint(0, 259, (2, 6))
+    with torch.inference_mode():
+        model.ln_f = ref.ln_f = torch.nn.Identity()  # a module assigned again
+        model.blocks[0].ln_1.weight = ref.blocks[0].ln_1.weight = torch.nn.Parameter(torch.full((64,), 0.5))
+        assert model.ln_f is model._modules["ln_f"] and model.blocks[0].ln_1.weight[0] == 0.5
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
+
 @pytest.mark.parametrize("torch_threads, in_features", [(2, 768), (2, 1536), (3, 1024)], indirect=["torch_threads"],
                          ids=["2-threads", "2-threads-shrinking", "3-threads-not-dividing"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])

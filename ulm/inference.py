@@ -101,14 +101,25 @@ def prepare_for_inference(model: nn.Module, pack: bool = True, max_rows: int | N
         from ulm.quantize import quantize_for_inference
 
         quantize_for_inference(model, quantize)
-    if next(model.parameters()).device.type != "cpu":
-        return model.eval()
-    pack = pack and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
-    for parent in list(model.modules()):
-        for name, m in parent.named_children():
-            if type(m) is nn.Linear and m.weight.dtype in (torch.float32, torch.bfloat16):
-                fuse = isinstance(parent, FeedForward) and name == "fc"  # fc runs the activation itself
-                setattr(parent, name, InferenceLinear(m, pack, parent.activation if fuse else None, max_rows))
-                if fuse:
-                    parent.act = nn.Identity()
+    if next(model.parameters()).device.type == "cpu":
+        pack = pack and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
+        for parent in list(model.modules()):
+            for name, m in parent.named_children():
+                if type(m) is nn.Linear and m.weight.dtype in (torch.float32, torch.bfloat16):
+                    fuse = isinstance(parent, FeedForward) and name == "fc"  # fc runs the activation itself
+                    setattr(parent, name, InferenceLinear(m, pack, parent.activation if fuse else None, max_rows))
+                    if fuse:
+                        parent.act = nn.Identity()
+    bind_attributes(model)
     return model.eval()
+
+
+def bind_attributes(model: nn.Module) -> None:
+    """Put every module's submodules and parameters in its instance dict, where Python's attribute lookup finds them
+    at once. Otherwise each lookup first searches the class hierarchy, fails, and falls back to
+    nn.Module.__getattr__: ~0.8 us a lookup, and a decode step makes one per layer, norm and weight it uses (about
+    70 in the toy model's 0.27 ms step). nn.Module.__setattr__ keeps the two in step when a module or parameter is
+    assigned again; inference models are not changed otherwise after this."""
+    for m in model.modules():
+        m.__dict__.update(m._modules)
+        m.__dict__.update(m._parameters)
