@@ -95,7 +95,8 @@ def prepare_for_inference(model: nn.Module, pack: bool = True, max_rows: int | N
     products of up to `max_rows` rows (default InferenceLinear.MAX_ROWS; a server: its batch): speed for a second
     copy of the weights in memory. The feed-forward activation moves into its first Linear (one fused kernel).
     Prepare after loading the weights (the packed copies do not follow later changes); leave training models as
-    they are. `quantize="int8"`: the Linear layers become dynamic-int8 ones first (ulm.quantize; CPU only).
+    they are. `quantize="int8"`: the Linear layers become dynamic-int8 ones first (ulm.quantize; CPU only). On
+    every device, the modules' children are then bound as plain attributes (bind_attributes).
     """
     if quantize is not None:
         from ulm.quantize import quantize_for_inference
